@@ -1,0 +1,218 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+)
+
+// Config configures a Client.
+type Config struct {
+	// Endpoints are scheduler addresses (host:port). Any replica will do;
+	// the client moves to the next one when a replica is unavailable.
+	Endpoints []string
+	// CallTimeout bounds each unary call that has no deadline of its own.
+	// Default 30s.
+	CallTimeout time.Duration
+	// DialOptions are added to every connection (TLS arrives here later).
+	DialOptions []grpc.DialOption
+}
+
+// Client talks to a gpusched cluster. It is safe for concurrent use.
+type Client struct {
+	cfg   Config
+	mu    sync.Mutex
+	conns []*grpc.ClientConn
+	cur   int
+}
+
+// New returns a client. Connections are made lazily, so New does not fail
+// when the cluster is down; the first call does.
+func New(_ context.Context, cfg Config) (*Client, error) {
+	var eps []string
+	for _, e := range cfg.Endpoints {
+		if e = strings.TrimSpace(e); e != "" {
+			eps = append(eps, e)
+		}
+	}
+	if len(eps) == 0 {
+		return nil, fmt.Errorf("%w: no scheduler endpoint given (set --server or GPUSCHED_SERVER)", ErrInvalid)
+	}
+	cfg.Endpoints = eps
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = 30 * time.Second
+	}
+	c := &Client{cfg: cfg, conns: make([]*grpc.ClientConn, len(eps))}
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, cfg.DialOptions...)
+	for i, ep := range eps {
+		conn, err := grpc.NewClient(ep, opts...)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("%w: endpoint %q: %v", ErrInvalid, ep, err)
+		}
+		c.conns[i] = conn
+	}
+	return c, nil
+}
+
+// Close releases the connections.
+func (c *Client) Close() error {
+	var errs []error
+	for _, conn := range c.conns {
+		if conn != nil {
+			errs = append(errs, conn.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// call runs fn against the current endpoint, moving on to the next one
+// when it is unavailable, until every endpoint was tried.
+func (c *Client) call(ctx context.Context, fn func(ctx context.Context, conn *grpc.ClientConn) error) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.cfg.CallTimeout)
+		defer cancel()
+	}
+	c.mu.Lock()
+	start := c.cur
+	c.mu.Unlock()
+	var err error
+	for i := range c.conns {
+		idx := (start + i) % len(c.conns)
+		err = fromStatus(fn(ctx, c.conns[idx]))
+		var e *Error
+		if !errors.As(err, &e) || e.Code != codes.Unavailable || ctx.Err() != nil {
+			if err == nil {
+				c.mu.Lock()
+				c.cur = idx
+				c.mu.Unlock()
+			}
+			return err
+		}
+	}
+	return err
+}
+
+// Submit submits a job; it is PENDING and durable when Submit returns.
+func (c *Client) Submit(ctx context.Context, spec *pb.JobSpec) (*pb.Job, error) {
+	var resp *pb.SubmitJobResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewJobServiceClient(conn).SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+		return err
+	})
+	return resp.GetJob(), err
+}
+
+// Get returns one job.
+func (c *Client) Get(ctx context.Context, id string) (*pb.Job, error) {
+	var resp *pb.GetJobResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewJobServiceClient(conn).GetJob(ctx, &pb.GetJobRequest{Id: id})
+		return err
+	})
+	return resp.GetJob(), err
+}
+
+// List returns one page of jobs.
+func (c *Client) List(ctx context.Context, req *pb.ListJobsRequest) (*pb.ListJobsResponse, error) {
+	var resp *pb.ListJobsResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewJobServiceClient(conn).ListJobs(ctx, req)
+		return err
+	})
+	return resp, err
+}
+
+// Cancel cancels a job that has not ended.
+func (c *Client) Cancel(ctx context.Context, id, reason string) (*pb.Job, error) {
+	var resp *pb.CancelJobResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewJobServiceClient(conn).CancelJob(ctx, &pb.CancelJobRequest{Id: id, Reason: reason})
+		return err
+	})
+	return resp.GetJob(), err
+}
+
+// Terminal reports whether a job state is final.
+func Terminal(s pb.JobState) bool {
+	switch s {
+	case pb.JobState_JOB_STATE_SUCCEEDED, pb.JobState_JOB_STATE_FAILED,
+		pb.JobState_JOB_STATE_CANCELLED, pb.JobState_JOB_STATE_TIMED_OUT:
+		return true
+	}
+	return false
+}
+
+// Wait polls a job until it ends (or ctx does) and returns its final form.
+// Transient unavailability (a scheduler restarting) is waited out.
+func (c *Client) Wait(ctx context.Context, id string) (*pb.Job, error) {
+	delay := 50 * time.Millisecond
+	for {
+		job, err := c.Get(ctx, id)
+		switch {
+		case err == nil && Terminal(job.GetState()):
+			return job, nil
+		case err != nil && !errors.Is(err, ErrUnavailable):
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return job, ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// Logs streams a job's output; fn gets each chunk with its node and rank.
+func (c *Client) Logs(ctx context.Context, id string, fn func(*pb.GetJobLogsResponse) error) error {
+	return c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
+		stream, err := pb.NewJobServiceClient(conn).GetJobLogs(ctx, &pb.GetJobLogsRequest{Id: id})
+		if err != nil {
+			return err
+		}
+		for {
+			chunk, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			if err := fn(chunk); err != nil {
+				return err
+			}
+		}
+	})
+}
+
+// Nodes lists the cluster's nodes.
+func (c *Client) Nodes(ctx context.Context) ([]*pb.Node, error) {
+	var resp *pb.ListNodesResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewNodeServiceClient(conn).ListNodes(ctx, &pb.ListNodesRequest{})
+		return err
+	})
+	return resp.GetNodes(), err
+}
+
+// Node returns one node.
+func (c *Client) Node(ctx context.Context, id string) (*pb.Node, error) {
+	var resp *pb.GetNodeResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewNodeServiceClient(conn).GetNode(ctx, &pb.GetNodeRequest{Id: id})
+		return err
+	})
+	return resp.GetNode(), err
+}

@@ -1,0 +1,72 @@
+package client
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Sentinels for errors.Is on errors returned by Client methods.
+var (
+	ErrInvalid            = errors.New("gpusched: invalid request")
+	ErrNotFound           = errors.New("gpusched: not found")
+	ErrFailedPrecondition = errors.New("gpusched: failed precondition")
+	ErrUnavailable        = errors.New("gpusched: unavailable")
+)
+
+var codeSentinels = map[codes.Code]error{
+	codes.InvalidArgument:    ErrInvalid,
+	codes.NotFound:           ErrNotFound,
+	codes.FailedPrecondition: ErrFailedPrecondition,
+	codes.Unavailable:        ErrUnavailable,
+}
+
+// FieldViolation is one invalid field of a rejected request.
+type FieldViolation struct {
+	Field       string
+	Description string
+}
+
+// Error is a failed RPC: its code, the server's message and, for invalid
+// requests, the fields at fault.
+type Error struct {
+	Code       codes.Code
+	Message    string
+	Violations []FieldViolation
+}
+
+// Error returns the server's message.
+func (e *Error) Error() string { return e.Message }
+
+// Is matches the sentinel for e's code.
+func (e *Error) Is(target error) bool {
+	s, ok := codeSentinels[e.Code]
+	return ok && s == target
+}
+
+// fromStatus turns a gRPC error into *Error; other errors pass through.
+func fromStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	e := &Error{Code: st.Code(), Message: st.Message()}
+	for _, d := range st.Details() {
+		if br, ok := d.(*errdetails.BadRequest); ok {
+			for _, v := range br.GetFieldViolations() {
+				e.Violations = append(e.Violations, FieldViolation{Field: v.GetField(), Description: v.GetDescription()})
+			}
+		}
+	}
+	if e.Code == codes.Unavailable && !strings.Contains(e.Message, "unavailable") {
+		e.Message = fmt.Sprintf("unavailable: %s", e.Message)
+	}
+	return e
+}

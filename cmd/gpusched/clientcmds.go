@@ -1,0 +1,205 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/gpusched/gpusched/client"
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+)
+
+// dial builds a client from --server or GPUSCHED_SERVER.
+func dial(cmd *cobra.Command) (*client.Client, error) {
+	server, _ := cmd.Flags().GetString("server")
+	if server == "" {
+		server = os.Getenv("GPUSCHED_SERVER")
+	}
+	if server == "" {
+		return nil, usageError("no scheduler endpoint: pass --server or set GPUSCHED_SERVER (gpusched dev prints it)")
+	}
+	return client.New(cmd.Context(), client.Config{Endpoints: strings.Split(server, ",")})
+}
+
+// signalContext ends on SIGINT/SIGTERM so long waits stop cleanly.
+func signalContext(parent context.Context) (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(parent, os.Interrupt, syscall.SIGTERM)
+}
+
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageError("%s expects %s (see '%s --help')", cmd.CommandPath(), what, cmd.CommandPath())
+		}
+		return nil
+	}
+}
+
+func newSubmitCmd() *cobra.Command {
+	var (
+		spec      pb.JobSpec
+		timeLimit time.Duration
+		env       []string
+	)
+	cmd := &cobra.Command{
+		Use:   "submit [flags] -- COMMAND [ARG...]",
+		Short: "Submit a job that leases whole GPU nodes",
+		Long: `Submit a job: N whole nodes, optional constraints, and a command run on
+every node. Prints the job ID alone on stdout, so scripts can capture it.
+
+Each node's command gets GPUSCHED_JOB_ID, GPUSCHED_LEASE_ID, GPUSCHED_NODE_RANK,
+GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICES
+(all of the node's GPUs). Use sh -c '...' for shell syntax.`,
+		Example: `  id=$(gpusched submit --nodes 2 --gpu-model H100 -- sh -c 'echo rank=$GPUSCHED_NODE_RANK')
+  gpusched submit --gpu-model A100 --time-limit 30m --name train -- python train.py
+  gpusched submit --env EPOCHS=3 -- ./run.sh`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if cmd.ArgsLenAtDash() != 0 && len(args) > 0 {
+				return usageError("put the command after --, e.g. gpusched submit --nodes 2 -- sh -c 'hostname'")
+			}
+			spec.Command = args
+			if timeLimit != 0 {
+				spec.TimeLimit = durationProto(timeLimit)
+			}
+			if len(env) > 0 {
+				spec.Env = map[string]string{}
+				for _, kv := range env {
+					k, v, ok := strings.Cut(kv, "=")
+					if !ok {
+						return usageError("--env wants KEY=VALUE, got %q", kv)
+					}
+					spec.Env[k] = v
+				}
+			}
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			job, err := c.Submit(cmd.Context(), &spec)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), job.GetId())
+			if job.GetReason() != "" && job.GetState() == pb.JobState_JOB_STATE_PENDING {
+				fmt.Fprintf(cmd.ErrOrStderr(), "job %s submitted (PENDING)\n", job.GetId())
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.Int32Var(&spec.Nodes, "nodes", 1, "number of whole nodes, granted all at once")
+	f.StringVar(&spec.GpuModel, "gpu-model", "", "GPU model every node must have (H100, A100, H200, B200, ...)")
+	f.Int32Var(&spec.GpusPerNode, "gpus-per-node", 0, "minimum GPUs per node (0: any)")
+	f.DurationVar(&timeLimit, "time-limit", 0, "wall-clock limit, e.g. 30m or 2h (0: none)")
+	f.StringVar(&spec.Name, "name", "", "job name")
+	f.StringVar(&spec.Tenant, "tenant", "", "tenant to bill (default \"default\")")
+	f.StringArrayVar(&env, "env", nil, "extra environment KEY=VALUE (repeatable)")
+	return cmd
+}
+
+func newWaitCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "wait JOB_ID",
+		Short: "Wait for a job to end; the exit code tells how it ended",
+		Long: `Wait until the job ends. Exit code 0 when it SUCCEEDED, 3 when FAILED,
+4 when CANCELLED, 5 when TIMED_OUT, 1 on error (e.g. --timeout reached).`,
+		Example: `  gpusched wait 42 && echo done
+  gpusched wait --timeout 10m 42`,
+		Args: exactArgs(1, "one job ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := signalContext(cmd.Context())
+			defer cancel()
+			if timeout > 0 {
+				ctx, cancel = context.WithTimeout(ctx, timeout)
+				defer cancel()
+			}
+			job, err := c.Wait(ctx, args[0])
+			if err != nil {
+				return fmt.Errorf("waiting for job %s: %w", args[0], err)
+			}
+			msg := fmt.Sprintf("job %s %s", job.GetId(), stateName(job.GetState()))
+			if job.GetReason() != "" {
+				msg += ": " + job.GetReason()
+			}
+			fmt.Fprintln(cmd.ErrOrStderr(), msg)
+			switch job.GetState() {
+			case pb.JobState_JOB_STATE_SUCCEEDED:
+				return nil
+			case pb.JobState_JOB_STATE_CANCELLED:
+				return &codedError{code: exitCancelled}
+			case pb.JobState_JOB_STATE_TIMED_OUT:
+				return &codedError{code: exitTimedOut}
+			default:
+				return &codedError{code: exitFailed}
+			}
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 0, "give up after this long (0: wait forever)")
+	return cmd
+}
+
+func newCancelCmd() *cobra.Command {
+	var reason string
+	cmd := &cobra.Command{
+		Use:   "cancel JOB_ID",
+		Short: "Cancel a job (running commands get SIGTERM, then SIGKILL)",
+		Example: `  gpusched cancel 42
+  gpusched cancel --reason "wrong dataset" 42`,
+		Args: exactArgs(1, "one job ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			job, err := c.Cancel(cmd.Context(), args[0], reason)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "job %s %s\n", job.GetId(), stateName(job.GetState()))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&reason, "reason", "", "why, recorded on the job")
+	return cmd
+}
+
+func newLogsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "logs JOB_ID",
+		Short: "Print a job's output from every node, each line prefixed by its node",
+		Long: `Print the combined stdout and stderr of the job's last lease, fetched from
+the nodes that ran it, in rank order. Each line is prefixed by "NODE| ".`,
+		Example: `  gpusched logs 42
+  gpusched logs 42 | grep rank=0`,
+		Args: exactArgs(1, "one job ID"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			p := &linePrefixer{w: cmd.OutOrStdout()}
+			err = c.Logs(cmd.Context(), args[0], func(chunk *pb.GetJobLogsResponse) error {
+				return p.write(chunk.GetNode(), chunk.GetData())
+			})
+			if ferr := p.flush(); err == nil {
+				err = ferr
+			}
+			return err
+		},
+	}
+}

@@ -1,0 +1,257 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/gpusched/gpusched/internal/devcluster"
+	"github.com/gpusched/gpusched/nodeagent"
+	"github.com/gpusched/gpusched/nodeagent/gpu"
+	"github.com/gpusched/gpusched/scheduler"
+	"github.com/gpusched/gpusched/scheduler/engine"
+)
+
+// logFlags are shared by the daemon commands.
+type logFlags struct{ level, format string }
+
+func (l *logFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&l.level, "log-level", "info", "log level: debug, info, warn, error")
+	cmd.Flags().StringVar(&l.format, "log-format", "console", "log format: console or json")
+}
+
+func (l *logFlags) logger() (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(l.level)
+	if err != nil {
+		return nil, usageError("--log-level: %v", err)
+	}
+	var cfg zap.Config
+	switch l.format {
+	case "json":
+		cfg = zap.NewProductionConfig()
+	case "console":
+		cfg = zap.NewDevelopmentConfig()
+		cfg.DisableStacktrace = true
+	default:
+		return nil, usageError("--log-format must be console or json, got %q", l.format)
+	}
+	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	cfg.OutputPaths, cfg.ErrorOutputPaths = []string{"stderr"}, []string{"stderr"}
+	return cfg.Build()
+}
+
+// engineFlags tune the leader's loop; shared by dev and scheduler.
+func engineFlags(cmd *cobra.Command, cfg *engine.Config) {
+	cmd.Flags().DurationVar(&cfg.NodeLostAfter, "node-lost-after", 30*time.Second, "mark a node LOST after its agent is gone this long")
+	cmd.Flags().DurationVar(&cfg.KillGrace, "kill-grace", 10*time.Second, "SIGTERM-to-SIGKILL grace when a job is cancelled or times out")
+}
+
+func newDevCmd() *cobra.Command {
+	var (
+		cfg  devcluster.Config
+		logs logFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a whole cluster in one process: embedded etcd, scheduler, simulated GPU nodes",
+		Long: `Run a development cluster in one process: an embedded etcd, one scheduler
+and --nodes node agents on simulated DGX machines (go-nvml's mock servers).
+Commands you submit run for real on this machine. Prints the endpoint and an
+export line for GPUSCHED_SERVER. Stop with Ctrl-C: every command the agents
+started is stopped too.`,
+		Example: `  gpusched dev
+  gpusched dev --nodes 8 --gpu-model a100 --listen 127.0.0.1:7070
+  gpusched dev --data-dir ~/.gpusched-dev   # keep jobs and nodes across restarts`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logs.logger()
+			if err != nil {
+				return err
+			}
+			defer log.Sync() //nolint:errcheck // best effort on exit
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			cfg.Logger = log
+			c, err := devcluster.Start(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "gpusched dev cluster: %d simulated %s nodes, data in %s\n", nodesOrDefault(cfg.Nodes), strings.ToUpper(orDefault(cfg.GPUModel, "h100")), c.DataDir)
+			fmt.Fprintf(out, "scheduler listening on %s\n\n", c.Endpoint)
+			fmt.Fprintf(out, "export GPUSCHED_SERVER=%s\n\n", c.Endpoint)
+			if cfg.DataDir != "" {
+				// Scripts (and tests) find the endpoint without parsing stdout.
+				_ = os.WriteFile(filepath.Join(cfg.DataDir, "endpoint"), []byte(c.Endpoint+"\n"), 0o644)
+			}
+			select {
+			case <-ctx.Done():
+				fmt.Fprintln(cmd.ErrOrStderr(), "shutting down")
+				return nil
+			case err := <-c.Err():
+				return err
+			}
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&cfg.Nodes, "nodes", 4, "number of simulated GPU nodes")
+	f.StringVar(&cfg.GPUModel, "gpu-model", "h100", "GPU model of the simulated nodes: a100, h100, h200 or b200")
+	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "scheduler gRPC address (port 0: pick a free port)")
+	f.StringVar(&cfg.DataDir, "data-dir", "", "keep etcd data and agent state here across restarts (default: a temp dir, removed on exit)")
+	engineFlags(cmd, &cfg.Engine)
+	logs.register(cmd)
+	return cmd
+}
+
+func nodesOrDefault(n int) int {
+	if n == 0 {
+		return 4
+	}
+	return n
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+func newSchedulerCmd() *cobra.Command {
+	var (
+		cfg       scheduler.Config
+		endpoints string
+		listen    string
+		logs      logFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "scheduler",
+		Short: "Run a scheduler replica against an etcd cluster",
+		Long: `Run one scheduler replica. Replicas elect a leader in etcd; the leader places
+jobs and commands the node agents. Every write is fenced by the leader's
+election revision.`,
+		Example: `  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379 --listen 0.0.0.0:7070`,
+		Args:    exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logs.logger()
+			if err != nil {
+				return err
+			}
+			defer log.Sync() //nolint:errcheck // best effort on exit
+			eps := splitList([]string{endpoints})
+			if len(eps) == 0 {
+				return usageError("--etcd-endpoints is required")
+			}
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Context: ctx, Logger: log.Named("etcd-client")})
+			if err != nil {
+				return fmt.Errorf("etcd: %w", err)
+			}
+			defer cli.Close()
+			lis, err := net.Listen("tcp", listen)
+			if err != nil {
+				return fmt.Errorf("listen: %w", err)
+			}
+			if cfg.Name == "" {
+				cfg.Name = lis.Addr().String()
+			}
+			cfg.Etcd, cfg.Logger = cli, log
+			log.Info("scheduler serving", zap.String("listen", lis.Addr().String()), zap.Strings("etcd", eps))
+			return scheduler.New(cfg).Serve(ctx, lis)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&endpoints, "etcd-endpoints", "", "etcd client URLs, comma-separated (required)")
+	f.StringVar(&listen, "listen", "127.0.0.1:7070", "gRPC listen address")
+	f.StringVar(&cfg.Name, "name", "", "replica name in the election (default: the listen address)")
+	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix")
+	f.DurationVar(&cfg.SessionTTL, "session-ttl", 5*time.Second, "leader session TTL: how fast a dead leader is replaced")
+	engineFlags(cmd, &cfg.Engine)
+	logs.register(cmd)
+	return cmd
+}
+
+func newAgentCmd() *cobra.Command {
+	var (
+		cfg     nodeagent.Config
+		servers string
+		backend string
+		labels  []string
+		logs    logFlags
+	)
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the node agent on a GPU machine",
+		Long: `Run the node agent: read the GPUs through NVML, register with the scheduler
+and run leased jobs. It talks only gRPC to the scheduler and keeps its state
+and job logs under --data-dir.`,
+		Example: `  gpusched agent --scheduler 10.0.0.5:7070 --node-id gpu-017 --gpu-backend nvml --data-dir /var/lib/gpusched
+  gpusched agent --scheduler 127.0.0.1:7070 --node-id sim-1 --gpu-backend mock-dgxh100 --data-dir /tmp/sim-1`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logs.logger()
+			if err != nil {
+				return err
+			}
+			defer log.Sync() //nolint:errcheck // best effort on exit
+			cfg.Servers = splitList([]string{servers})
+			if len(cfg.Servers) == 0 {
+				return usageError("--scheduler is required")
+			}
+			if cfg.NodeID == "" {
+				return usageError("--node-id is required")
+			}
+			if cfg.DataDir == "" {
+				return usageError("--data-dir is required")
+			}
+			cfg.Labels = map[string]string{}
+			for _, kv := range splitList(labels) {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok || k == "" {
+					return usageError("--labels wants k=v[,k=v...], got %q", kv)
+				}
+				cfg.Labels[k] = v
+			}
+			var b *gpu.Backend
+			if strings.HasPrefix(backend, "mock-") {
+				b, err = gpu.OpenMock(backend, gpu.MockOptions{NodeName: cfg.NodeID})
+			} else {
+				b, err = gpu.Open(backend)
+			}
+			if err != nil {
+				return &codedError{code: exitUsage, err: err}
+			}
+			defer b.Close()
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			cfg.NVML, cfg.Logger = b.NVML, log
+			a, err := nodeagent.New(cfg)
+			if err != nil {
+				return err
+			}
+			inv := a.Inventory()
+			log.Info("agent starting", zap.String("node", cfg.NodeID), zap.String("gpu_backend", backend),
+				zap.String("gpu_model", inv.GPUModel), zap.Int("gpus", inv.GPUCount), zap.Strings("scheduler", cfg.Servers))
+			return a.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&servers, "scheduler", "", "scheduler endpoint(s), host:port[,host:port...] (required)")
+	f.StringVar(&cfg.NodeID, "node-id", "", "this node's unique name (required)")
+	f.StringVar(&backend, "gpu-backend", gpu.BackendNVML, "GPU backend: "+strings.Join(gpu.Backends(), ", "))
+	f.StringVar(&cfg.DataDir, "data-dir", "", "state and job logs live here (required)")
+	f.StringSliceVar(&labels, "labels", nil, "node labels k=v[,k=v...] (rack, switch, zone, pool)")
+	f.StringVar(&cfg.Address, "address", "", "address peers use to reach this node (default: hostname)")
+	logs.register(cmd)
+	return cmd
+}

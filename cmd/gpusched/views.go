@@ -1,0 +1,280 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+)
+
+func newJobsCmd() *cobra.Command {
+	var (
+		output string
+		states []string
+	)
+	cmd := &cobra.Command{
+		Use:     "jobs [JOB_ID]",
+		Aliases: []string{"job"},
+		Short:   "List jobs, or show one job in detail",
+		Example: `  gpusched jobs
+  gpusched jobs --state pending,running
+  gpusched jobs 42
+  gpusched jobs 42 -o json`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usageError("jobs takes at most one job ID")
+			}
+			return checkOutput(output)
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			w := cmd.OutOrStdout()
+			if len(args) == 1 {
+				job, err := c.Get(cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				if output != "table" {
+					return printProto(w, output, job)
+				}
+				return describeJob(w, job)
+			}
+			req := &pb.ListJobsRequest{}
+			for _, s := range splitList(states) {
+				v, ok := pb.JobState_value["JOB_STATE_"+strings.ToUpper(s)]
+				if !ok || v == 0 {
+					return usageError("--state: unknown job state %q", s)
+				}
+				req.States = append(req.States, pb.JobState(v))
+			}
+			all := &pb.ListJobsResponse{}
+			for {
+				resp, err := c.List(cmd.Context(), req)
+				if err != nil {
+					return err
+				}
+				all.Jobs = append(all.Jobs, resp.GetJobs()...)
+				if resp.GetNextPageToken() == "" {
+					break
+				}
+				req.PageToken = resp.GetNextPageToken()
+			}
+			if output != "table" {
+				return printProto(w, output, all)
+			}
+			now := time.Now()
+			t := newTable(w, "ID", "NAME", "TENANT", "STATE", "NODES", "GPU", "AGE", "NODELIST/REASON")
+			for _, j := range all.GetJobs() {
+				s := j.GetSpec()
+				detail := j.GetReason()
+				if len(j.GetNodes()) > 0 && (j.GetState() == pb.JobState_JOB_STATE_SCHEDULED || j.GetState() == pb.JobState_JOB_STATE_RUNNING || detail == "") {
+					detail = strings.Join(j.GetNodes(), ",")
+				}
+				t.row(j.GetId(), orDash(s.GetName()), s.GetTenant(), stateName(j.GetState()), fmt.Sprint(s.GetNodes()),
+					orDash(s.GetGpuModel()), age(j.GetCreateTime(), now), orDash(detail))
+			}
+			return t.flush()
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	cmd.Flags().StringSliceVar(&states, "state", nil, "only jobs in these states (pending, running, succeeded, ...)")
+	return cmd
+}
+
+func splitList(vals []string) []string {
+	var out []string
+	for _, v := range vals {
+		for _, s := range strings.Split(v, ",") {
+			if s = strings.TrimSpace(s); s != "" {
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+func describeJob(w io.Writer, j *pb.Job) error {
+	s := j.GetSpec()
+	t := newTable(w, "ID:", j.GetId())
+	t.row("Name:", orDash(s.GetName()))
+	t.row("Tenant:", s.GetTenant())
+	t.row("State:", stateName(j.GetState()))
+	if j.GetReason() != "" {
+		label := "Reason:"
+		if j.GetState() == pb.JobState_JOB_STATE_PENDING {
+			label = "Why pending:"
+		}
+		t.row(label, j.GetReason())
+	}
+	req := fmt.Sprintf("%d node(s)", s.GetNodes())
+	if s.GetGpuModel() != "" {
+		req += ", GPU model " + s.GetGpuModel()
+	}
+	if s.GetGpusPerNode() > 0 {
+		req += fmt.Sprintf(", at least %d GPUs/node", s.GetGpusPerNode())
+	}
+	t.row("Requested:", req)
+	if tl := s.GetTimeLimit(); tl != nil {
+		t.row("Time limit:", tl.AsDuration().String())
+	}
+	t.row("Command:", shellQuote(s.GetCommand()))
+	if len(s.GetEnv()) > 0 {
+		keys := make([]string, 0, len(s.GetEnv()))
+		for k := range s.GetEnv() {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for i, k := range keys {
+			label := ""
+			if i == 0 {
+				label = "Env:"
+			}
+			t.row(label, k+"="+s.GetEnv()[k])
+		}
+	}
+	t.row("Lease:", orDash(j.GetLeaseId()))
+	t.row("Nodes:", orDash(strings.Join(j.GetNodes(), ",")))
+	t.row("Attempts:", fmt.Sprint(j.GetAttempts()))
+	for _, ts := range []struct {
+		label string
+		v     interface{ AsTime() time.Time }
+		ok    bool
+	}{
+		{"Created:", j.GetCreateTime(), j.GetCreateTime() != nil},
+		{"Scheduled:", j.GetScheduleTime(), j.GetScheduleTime() != nil},
+		{"Started:", j.GetStartTime(), j.GetStartTime() != nil},
+		{"Ended:", j.GetEndTime(), j.GetEndTime() != nil},
+	} {
+		if ts.ok {
+			t.row(ts.label, ts.v.AsTime().Local().Format(time.RFC3339))
+		}
+	}
+	for i, x := range j.GetExits() {
+		label := ""
+		if i == 0 {
+			label = "Exits:"
+		}
+		how := fmt.Sprintf("exit code %d", x.GetExitCode())
+		if x.GetSignal() != "" {
+			how = "killed by " + x.GetSignal()
+		}
+		if x.GetMessage() != "" && x.GetSignal() == "" && x.GetExitCode() != 0 {
+			how += " (" + x.GetMessage() + ")"
+		}
+		t.row(label, fmt.Sprintf("%s rank %d: %s", x.GetNode(), x.GetRank(), how))
+	}
+	return t.flush()
+}
+
+// shellQuote renders argv so it can be pasted into a shell.
+func shellQuote(argv []string) string {
+	out := make([]string, len(argv))
+	for i, a := range argv {
+		if a != "" && !strings.ContainsAny(a, " \t\n'\"\\$`|&;<>()*?[]{}!#~") {
+			out[i] = a
+			continue
+		}
+		out[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+	}
+	return strings.Join(out, " ")
+}
+
+func newNodesCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:     "nodes [NODE]",
+		Aliases: []string{"node"},
+		Short:   "List GPU nodes, or show one node in detail",
+		Example: `  gpusched nodes
+  gpusched nodes gpu-01
+  gpusched nodes -o yaml`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usageError("nodes takes at most one node name")
+			}
+			return checkOutput(output)
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			w := cmd.OutOrStdout()
+			if len(args) == 1 {
+				n, err := c.Node(cmd.Context(), args[0])
+				if err != nil {
+					return err
+				}
+				if output != "table" {
+					return printProto(w, output, n)
+				}
+				return describeNode(w, n)
+			}
+			nodes, err := c.Nodes(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if output != "table" {
+				return printProto(w, output, &pb.ListNodesResponse{Nodes: nodes})
+			}
+			t := newTable(w, "NAME", "STATE", "GPU", "GPUS", "GPU-MEM", "DRIVER", "AGENT", "LEASE", "JOB")
+			for _, n := range nodes {
+				inv := n.GetInventory()
+				agent := "connected"
+				if !n.GetConnected() {
+					agent = "disconnected"
+				}
+				t.row(n.GetId(), nodeStateName(n.GetState()), orDash(inv.GetGpuModel()), fmt.Sprint(inv.GetGpuCount()),
+					gib(inv.GetGpuMemoryBytes()), orDash(inv.GetDriverVersion()), agent, orDash(n.GetLeaseId()), orDash(n.GetJobId()))
+			}
+			return t.flush()
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	return cmd
+}
+
+func describeNode(w io.Writer, n *pb.Node) error {
+	inv := n.GetInventory()
+	t := newTable(w, "Name:", n.GetId())
+	t.row("State:", nodeStateName(n.GetState()))
+	if n.GetReason() != "" {
+		t.row("Reason:", n.GetReason())
+	}
+	t.row("Agent:", map[bool]string{true: "connected", false: "disconnected"}[n.GetConnected()])
+	t.row("Address:", orDash(n.GetAddress()))
+	t.row("Hostname:", orDash(inv.GetHostname()))
+	if n.GetLeaseId() != "" {
+		t.row("Lease:", n.GetLeaseId()+" (job "+n.GetJobId()+")")
+	}
+	keys := make([]string, 0, len(n.GetLabels()))
+	for k := range n.GetLabels() {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	labels := make([]string, len(keys))
+	for i, k := range keys {
+		labels[i] = k + "=" + n.GetLabels()[k]
+	}
+	t.row("Labels:", orDash(strings.Join(labels, ",")))
+	t.row("GPU model:", orDash(inv.GetGpuModel()))
+	t.row("Driver:", orDash(inv.GetDriverVersion())+" (CUDA "+orDash(inv.GetCudaVersion())+")")
+	for i, g := range inv.GetGpus() {
+		label := ""
+		if i == 0 {
+			label = "GPUs:"
+		}
+		t.row(label, fmt.Sprintf("%d  %s  %s  %s  %s", g.GetIndex(), g.GetName(), gib(g.GetMemoryBytes()), g.GetPciBusId(), g.GetUuid()))
+	}
+	return t.flush()
+}

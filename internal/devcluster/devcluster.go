@@ -1,0 +1,183 @@
+// Package devcluster runs a whole gpusched cluster in one process: an
+// embedded etcd, one scheduler replica and N node agents on simulated DGX
+// nodes (go-nvml's mock servers). It backs `gpusched dev` and the tests that
+// want the real stack without separate processes.
+package devcluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/gpusched/gpusched/internal/embedetcd"
+	"github.com/gpusched/gpusched/internal/gpumodel"
+	"github.com/gpusched/gpusched/nodeagent"
+	"github.com/gpusched/gpusched/nodeagent/gpu"
+	"github.com/gpusched/gpusched/scheduler"
+	"github.com/gpusched/gpusched/scheduler/engine"
+)
+
+// ErrConfig: the cluster's configuration is unusable.
+var ErrConfig = errors.New("devcluster: invalid config")
+
+// Simulated node models `gpusched dev --gpu-model` accepts.
+var devModels = map[string]string{
+	"A100": gpu.BackendMockDGXA100,
+	"H100": gpu.BackendMockDGXH100,
+	"H200": gpu.BackendMockDGXH200,
+	"B200": gpu.BackendMockDGXB200,
+}
+
+// Config configures a dev cluster.
+type Config struct {
+	// Nodes is how many simulated GPU nodes to run. Default 4.
+	Nodes int
+	// GPUModel of every node: a100, h100, h200 or b200. Default h100.
+	GPUModel string
+	// Listen is the scheduler's gRPC address. Default 127.0.0.1:0 (a free port).
+	Listen string
+	// DataDir keeps etcd's data and the agents' state and logs across
+	// restarts. Empty means a temporary directory removed on Close.
+	DataDir string
+	Logger  *zap.Logger
+	// Engine tunes the scheduler (kill grace, node-lost timeout, ...).
+	Engine engine.Config
+}
+
+// Cluster is a running dev cluster.
+type Cluster struct {
+	// Endpoint is the scheduler's gRPC address (host:port).
+	Endpoint string
+	DataDir  string
+
+	cancel   context.CancelFunc
+	etcd     *embedetcd.Server
+	wg       sync.WaitGroup
+	errs     chan error
+	tempDir  bool
+	backends []*gpu.Backend
+}
+
+// Start brings the cluster up and returns once the scheduler listens.
+// Agents register in the background within moments.
+func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
+	if cfg.Nodes == 0 {
+		cfg.Nodes = 4
+	}
+	if cfg.Nodes < 0 || cfg.Nodes > 1000 {
+		return nil, fmt.Errorf("%w: --nodes must be between 1 and 1000, got %d", ErrConfig, cfg.Nodes)
+	}
+	if cfg.GPUModel == "" {
+		cfg.GPUModel = "h100"
+	}
+	model, perr := gpumodel.Parse(cfg.GPUModel)
+	backend, ok := devModels[model]
+	if perr != nil || !ok {
+		return nil, fmt.Errorf("%w: --gpu-model must be one of a100, h100, h200, b200; got %q", ErrConfig, cfg.GPUModel)
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	c := &Cluster{DataDir: cfg.DataDir, errs: make(chan error, 2+cfg.Nodes)}
+	if c.DataDir == "" {
+		if c.DataDir, err = os.MkdirTemp("", "gpusched-dev-"); err != nil {
+			return nil, err
+		}
+		c.tempDir = true
+	}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	c.etcd, err = embedetcd.Start(embedetcd.Config{Dir: filepath.Join(c.DataDir, "etcd"), Logger: cfg.Logger})
+	if err != nil {
+		return nil, err
+	}
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("devcluster: listen on %s: %w", cfg.Listen, err)
+	}
+	c.Endpoint = lis.Addr().String()
+	runCtx, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+
+	cli, err := c.etcd.Client(runCtx)
+	if err != nil {
+		lis.Close()
+		return nil, fmt.Errorf("devcluster: etcd client: %w", err)
+	}
+	sched := scheduler.New(scheduler.Config{
+		Etcd: cli, Name: c.Endpoint, Logger: cfg.Logger.Named("scheduler"), Engine: cfg.Engine,
+	})
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer cli.Close()
+		if err := sched.Serve(runCtx, lis); err != nil {
+			c.errs <- fmt.Errorf("scheduler: %w", err)
+		}
+	}()
+
+	width := len(fmt.Sprint(cfg.Nodes))
+	if width < 2 {
+		width = 2
+	}
+	for i := 1; i <= cfg.Nodes; i++ {
+		name := fmt.Sprintf("gpu-%0*d", width, i)
+		b, err := gpu.OpenMock(backend, gpu.MockOptions{NodeName: name})
+		if err != nil {
+			return nil, err
+		}
+		c.backends = append(c.backends, b)
+		a, err := nodeagent.New(nodeagent.Config{
+			NodeID: name, Servers: []string{c.Endpoint}, NVML: b.NVML,
+			DataDir: filepath.Join(c.DataDir, "agents", name), Address: "127.0.0.1",
+			Labels: map[string]string{"pool": "dev"}, Logger: cfg.Logger.Named("agent"),
+			StopGrace: 2 * time.Second,
+		})
+		if err != nil {
+			return nil, err
+		}
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			if err := a.Run(runCtx); err != nil {
+				c.errs <- fmt.Errorf("agent %s: %w", name, err)
+			}
+		}()
+	}
+	return c, nil
+}
+
+// Err returns a channel that yields the first component failure.
+func (c *Cluster) Err() <-chan error { return c.errs }
+
+// Close stops agents (and every command they run), the scheduler and etcd,
+// in that order, and removes a temporary data dir.
+func (c *Cluster) Close() {
+	if c.cancel != nil {
+		c.cancel()
+	}
+	c.wg.Wait()
+	for _, b := range c.backends {
+		_ = b.Close()
+	}
+	if c.etcd != nil {
+		c.etcd.Close()
+	}
+	if c.tempDir && strings.Contains(c.DataDir, "gpusched-dev-") {
+		_ = os.RemoveAll(c.DataDir)
+	}
+}

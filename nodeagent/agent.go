@@ -1,0 +1,277 @@
+package nodeagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/gpusched/gpusched/nodeagent/gpu"
+	"github.com/gpusched/gpusched/nodeagent/runner"
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+)
+
+// Sentinel errors of the agent.
+var (
+	// ErrStaleToken: a command came from a leader older than one already obeyed.
+	ErrStaleToken = errors.New("nodeagent: stale fencing token")
+	// ErrConfig: the agent's configuration is unusable.
+	ErrConfig = errors.New("nodeagent: invalid config")
+)
+
+// Config configures an agent.
+type Config struct {
+	// NodeID is the node's unique name. Required.
+	NodeID string
+	// Servers are scheduler endpoints (host:port); the agent fails over
+	// between them. Required.
+	Servers []string
+	// NVML is the GPU library (real or mock). Required.
+	NVML nvml.Interface
+	// DataDir keeps state.json and each lease's logs and scratch space.
+	DataDir string
+	// Labels are reported to the scheduler (rack, switch, zone, ...).
+	Labels map[string]string
+	// Address is how peers of a gang reach this node (GPUSCHED_MASTER_ADDR).
+	// Default: the hostname.
+	Address string
+	// StopGrace bounds how long a stopping command gets between SIGTERM
+	// and SIGKILL when the agent itself shuts down. Default 5s.
+	StopGrace time.Duration
+	// DialOptions are added to the gRPC dial (TLS arrives here later).
+	DialOptions []grpc.DialOption
+	Logger      *zap.Logger
+}
+
+// Agent is a running node agent.
+type Agent struct {
+	cfg       Config
+	log       *zap.Logger
+	inventory gpu.Inventory
+	hostname  string
+
+	mu      sync.Mutex
+	state   *persistentState
+	procs   map[string]*runner.Process // running commands by lease
+	session *session                   // current stream, nil when disconnected
+	// shuttingDown explains exits caused by the agent's own shutdown.
+	shuttingDown bool
+	wg           sync.WaitGroup // lease goroutines
+}
+
+// New validates cfg, reads the GPU inventory and the persisted state.
+func New(cfg Config) (*Agent, error) {
+	switch {
+	case cfg.NodeID == "":
+		return nil, fmt.Errorf("%w: node id is required", ErrConfig)
+	case len(cfg.Servers) == 0:
+		return nil, fmt.Errorf("%w: at least one scheduler endpoint is required", ErrConfig)
+	case cfg.NVML == nil:
+		return nil, fmt.Errorf("%w: a GPU backend is required", ErrConfig)
+	case cfg.DataDir == "":
+		return nil, fmt.Errorf("%w: data dir is required", ErrConfig)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if cfg.StopGrace <= 0 {
+		cfg.StopGrace = 5 * time.Second
+	}
+	host, _ := os.Hostname()
+	if cfg.Address == "" {
+		cfg.Address = host
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("nodeagent: data dir: %w", err)
+	}
+	inv, err := gpu.ReadInventory(cfg.NVML)
+	if err != nil {
+		return nil, fmt.Errorf("nodeagent: read GPU inventory: %w", err)
+	}
+	st, err := loadState(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		cfg: cfg, log: cfg.Logger.With(zap.String("node", cfg.NodeID)),
+		inventory: inv, hostname: host, state: st, procs: map[string]*runner.Process{},
+	}
+	a.recoverLeases()
+	return a, nil
+}
+
+// Inventory returns what the agent read through NVML.
+func (a *Agent) Inventory() gpu.Inventory { return a.inventory }
+
+// Run connects to the scheduler and serves it until ctx ends, reconnecting
+// (and failing over between servers) with backoff. On return every command
+// the agent started has been stopped: no process outlives it.
+func (a *Agent) Run(ctx context.Context) error {
+	defer a.stopAll()
+	backoff := 100 * time.Millisecond
+	for i := 0; ctx.Err() == nil; i++ {
+		server := a.cfg.Servers[i%len(a.cfg.Servers)]
+		start := time.Now()
+		err := a.serve(ctx, server)
+		if ctx.Err() != nil {
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			backoff = 100 * time.Millisecond // it was a healthy session
+		}
+		a.log.Info("scheduler stream ended; reconnecting", zap.String("server", server), zap.Error(err), zap.Duration("retry_in", backoff))
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+	return nil
+}
+
+// session is one live stream to a scheduler.
+type session struct {
+	out chan *pb.ConnectRequest
+}
+
+// notify sends msg on the current stream, if any. Messages lost while
+// disconnected are not lost facts: the next hello re-reports every held
+// lease with its progress.
+func (a *Agent) notify(msg *pb.ConnectRequest) {
+	a.mu.Lock()
+	s := a.session
+	a.mu.Unlock()
+	if s == nil {
+		return
+	}
+	select {
+	case s.out <- msg:
+	default:
+		a.log.Warn("stream send buffer full; dropping message (re-reported on reconnect)")
+	}
+}
+
+// serve runs one stream until it fails or ctx ends.
+func (a *Agent) serve(ctx context.Context, server string) error {
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, a.cfg.DialOptions...)
+	conn, err := grpc.NewClient(server, opts...)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := pb.NewAgentServiceClient(conn).Connect(ctx)
+	if err != nil {
+		return err
+	}
+	s := &session{out: make(chan *pb.ConnectRequest, 1024)}
+	// The hello and the session switch happen under one lock, so an exit is
+	// either in the hello or sent on this stream afterwards, never lost.
+	a.mu.Lock()
+	hello := a.helloLocked()
+	a.session = s
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		if a.session == s {
+			a.session = nil
+		}
+		a.mu.Unlock()
+	}()
+	if err := stream.Send(hello); err != nil {
+		return err
+	}
+	sendDone := make(chan error, 1)
+	go func() {
+		heartbeat := time.NewTicker(2 * time.Second)
+		defer heartbeat.Stop()
+		for {
+			var m *pb.ConnectRequest
+			select {
+			case <-ctx.Done():
+				sendDone <- ctx.Err()
+				return
+			case m = <-s.out:
+			case <-heartbeat.C:
+				m = &pb.ConnectRequest{Msg: &pb.ConnectRequest_Heartbeat{Heartbeat: &pb.Heartbeat{}}}
+			}
+			if err := stream.Send(m); err != nil {
+				sendDone <- err
+				cancel()
+				return
+			}
+		}
+	}()
+	defer func() { cancel(); <-sendDone }()
+	for {
+		cmd, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if err := a.checkToken(cmd.GetFencingToken()); err != nil {
+			a.log.Warn("refusing command", zap.Int64("token", cmd.GetFencingToken()), zap.Error(err))
+			continue
+		}
+		switch m := cmd.GetMsg().(type) {
+		case *pb.ConnectResponse_Welcome:
+			a.log.Info("registered with scheduler", zap.String("server", server), zap.Int64("token", cmd.GetFencingToken()))
+		case *pb.ConnectResponse_StartLease:
+			a.startLease(m.StartLease)
+		case *pb.ConnectResponse_ReleaseLease:
+			a.releaseLease(m.ReleaseLease)
+		case *pb.ConnectResponse_FetchLogs:
+			a.wg.Add(1)
+			go func() { defer a.wg.Done(); a.sendLogs(ctx, m.FetchLogs) }()
+		}
+	}
+}
+
+// checkToken enforces fencing: a command is obeyed only if its token is at
+// least the highest one seen, which is persisted before it is obeyed so an
+// agent restart cannot forget it.
+func (a *Agent) checkToken(token int64) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if token < a.state.MaxFencingToken {
+		return fmt.Errorf("%w: %d < %d", ErrStaleToken, token, a.state.MaxFencingToken)
+	}
+	if token > a.state.MaxFencingToken {
+		a.state.MaxFencingToken = token
+		if err := a.state.save(a.cfg.DataDir); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// helloLocked builds the registration message. Called with a.mu held.
+func (a *Agent) helloLocked() *pb.ConnectRequest {
+	inv := &pb.Inventory{
+		GpuModel: a.inventory.GPUModel, GpuCount: int32(a.inventory.GPUCount),
+		GpuMemoryBytes: a.inventory.GPUMemoryBytes, DriverVersion: a.inventory.DriverVersion,
+		CudaVersion: a.inventory.CUDAVersion, Hostname: a.hostname,
+	}
+	for _, g := range a.inventory.GPUs {
+		inv.Gpus = append(inv.Gpus, &pb.Gpu{Index: int32(g.Index), Uuid: g.UUID, Name: g.Name, MemoryBytes: g.MemoryBytes, PciBusId: g.PCIBusID})
+	}
+	h := &pb.AgentHello{
+		NodeId: a.cfg.NodeID, Inventory: inv, Labels: a.cfg.Labels, Address: a.cfg.Address,
+		MaxFencingToken: a.state.MaxFencingToken,
+	}
+	for _, l := range a.state.Leases {
+		hl := &pb.HeldLease{LeaseId: l.ID, Started: l.Started, Exited: l.Exited}
+		if l.Exited {
+			hl.Exit = &pb.LeaseExited{LeaseId: l.ID, ExitCode: int32(l.Code), Signal: l.Signal, Message: l.Message}
+		}
+		h.Leases = append(h.Leases, hl)
+	}
+	return &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: h}}
+}

@@ -1,0 +1,60 @@
+package api
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/gpusched/gpusched/scheduler/engine"
+	"github.com/gpusched/gpusched/scheduler/model"
+)
+
+// errorCodes is the one table from scheduler errors to gRPC codes. The
+// first entry that matches (errors.Is) wins.
+var errorCodes = []struct {
+	err  error
+	code codes.Code
+}{
+	{model.ErrInvalid, codes.InvalidArgument},
+	{engine.ErrAgentInvalid, codes.InvalidArgument},
+	{model.ErrNotFound, codes.NotFound},
+	{model.ErrJobEnded, codes.FailedPrecondition},
+	{model.ErrNotLeader, codes.Unavailable},
+	{model.ErrStopped, codes.Unavailable},
+	{model.ErrLogsUnavailable, codes.Unavailable},
+	{context.Canceled, codes.Canceled},
+	{context.DeadlineExceeded, codes.DeadlineExceeded},
+}
+
+// toStatus converts an error to a gRPC status error. Validation errors carry
+// a BadRequest detail with one FieldViolation per bad field.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	code := codes.Internal
+	for _, e := range errorCodes {
+		if errors.Is(err, e.err) {
+			code = e.code
+			break
+		}
+	}
+	st := status.New(code, err.Error())
+	var verr *model.ValidationError
+	if errors.As(err, &verr) {
+		br := &errdetails.BadRequest{}
+		for _, v := range verr.Violations {
+			br.FieldViolations = append(br.FieldViolations, &errdetails.BadRequest_FieldViolation{Field: v.Field, Description: v.Description})
+		}
+		if withDetails, derr := st.WithDetails(br); derr == nil {
+			st = withDetails
+		}
+	}
+	return st.Err()
+}

@@ -1,0 +1,306 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/store"
+	"github.com/gpusched/gpusched/scheduler/wire"
+)
+
+// AgentStream is the server side of AgentService.Connect.
+type AgentStream interface {
+	Context() context.Context
+	Send(*pb.ConnectResponse) error
+	Recv() (*pb.ConnectRequest, error)
+}
+
+// sendBuffer bounds commands queued for one agent. An agent that falls this
+// far behind is disconnected rather than allowed to stall the loop.
+const sendBuffer = 1024
+
+// agentConn is one agent's live stream.
+type agentConn struct {
+	node   string
+	out    chan *pb.ConnectResponse
+	cancel context.CancelFunc
+	ctx    context.Context
+
+	nextReq atomic.Uint64
+	mu      sync.Mutex
+	logReqs map[uint64]chan *pb.LogChunk
+}
+
+// ErrAgentInvalid: the agent broke the protocol (e.g. no hello first).
+var ErrAgentInvalid = errors.New("engine: invalid agent message")
+
+// ServeAgent runs one agent stream until it ends or the term ends.
+func (e *Engine) ServeAgent(stream AgentStream) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	hello := first.GetHello()
+	if hello == nil {
+		return fmt.Errorf("%w: first message must be hello", ErrAgentInvalid)
+	}
+	if err := model.ValidateID("hello.node_id", hello.GetNodeId()); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	c := &agentConn{
+		node: hello.GetNodeId(), out: make(chan *pb.ConnectResponse, sendBuffer),
+		cancel: cancel, ctx: ctx, logReqs: map[uint64]chan *pb.LogChunk{},
+	}
+	if err := e.post(ctx, &helloEvent{conn: c, hello: hello}); err != nil {
+		return err
+	}
+	defer func() {
+		// Tell the loop, unless the term is over anyway.
+		_ = e.post(context.Background(), &goneEvent{conn: c})
+		c.failLogRequests()
+	}()
+
+	sendErr := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				sendErr <- ctx.Err()
+				return
+			case m := <-c.out:
+				if err := stream.Send(m); err != nil {
+					sendErr <- err
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	defer func() { cancel(); <-sendErr }()
+
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if chunk := msg.GetLogChunk(); chunk != nil {
+			c.deliverLog(chunk)
+			continue
+		}
+		if msg.GetHeartbeat() != nil {
+			continue
+		}
+		if err := e.post(ctx, &agentEvent{conn: c, msg: msg}); err != nil {
+			return err
+		}
+	}
+}
+
+// send delivers a queued command to its node's agent, if connected.
+func (e *Engine) send(m outMsg) {
+	e.mu.RLock()
+	n := e.nodes[m.node]
+	var c *agentConn
+	if n != nil {
+		c = n.conn
+	}
+	e.mu.RUnlock()
+	if c == nil {
+		return // the agent re-reports its leases when it reconnects
+	}
+	select {
+	case c.out <- m.msg:
+	default:
+		e.log.Warn("agent too slow, disconnecting", zap.String("node", m.node))
+		c.cancel()
+	}
+}
+
+// closeAgents ends every stream when the term ends, so agents reconnect to
+// whichever replica leads next.
+func (e *Engine) closeAgents() {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	for _, n := range e.nodes {
+		if n.conn != nil {
+			n.conn.cancel()
+		}
+	}
+}
+
+type helloEvent struct {
+	conn  *agentConn
+	hello *pb.AgentHello
+}
+
+func (ev *helloEvent) apply(e *Engine) {
+	h, now := ev.hello, e.cfg.Now()
+	inv := wire.InventoryFromProto(h.GetInventory())
+	n, known := e.nodes[h.GetNodeId()]
+	if !known {
+		n = &nodeEntry{node: &model.Node{ID: h.GetNodeId(), State: model.NodeReady}}
+		e.nodes[n.node.ID] = n
+	}
+	if old := n.conn; old != nil && old != ev.conn {
+		old.cancel() // a reconnect replaces a stream we have not seen die yet
+	}
+	n.conn, n.lost = ev.conn, false
+	changed := !known || n.node.Address != h.GetAddress() || !sameInventory(n.node.Inventory, inv) ||
+		!sameLabels(n.node.Labels, h.GetLabels())
+	if changed {
+		n.node.Inventory, n.node.Address, n.node.Labels = inv, h.GetAddress(), h.GetLabels()
+		n.node.RegisterTime = now
+		e.persist(store.Change{Node: n.node})
+	}
+	e.command(n.node.ID, &pb.ConnectResponse{Msg: &pb.ConnectResponse_Welcome{Welcome: &pb.Welcome{
+		HeartbeatInterval: durationpb.New(e.cfg.HeartbeatInterval),
+	}}})
+	e.log.Info("agent connected", zap.String("node", n.node.ID), zap.String("gpu_model", inv.GPUModel),
+		zap.Int("gpus", inv.GPUCount), zap.Int("held_leases", len(h.GetLeases())))
+
+	// Reconcile what the agent holds with what etcd says.
+	held := map[string]bool{}
+	for _, ls := range h.GetLeases() {
+		held[ls.GetLeaseId()] = true
+		le := e.leases[ls.GetLeaseId()]
+		if le == nil || !le.lease.Active || le.rank(n.node.ID) < 0 {
+			// Ended (or unknown) lease still on the node: stop and clean it.
+			n.cleaning = ls.GetLeaseId()
+			e.release(n.node.ID, ls.GetLeaseId(), "lease is no longer active")
+			continue
+		}
+		if ls.GetStarted() {
+			e.leaseStarted(le, n.node.ID)
+		}
+		if ls.GetExited() {
+			e.nodeExited(le, exitFrom(n.node.ID, le, ls.GetExit()))
+		}
+	}
+	if n.lease != "" && !held[n.lease] {
+		// The agent lost our lease (it restarted): that node's part is gone.
+		le := e.leases[n.lease]
+		e.nodeExited(le, model.NodeExit{Node: n.node.ID, Rank: le.rank(n.node.ID), ExitCode: -1,
+			Message: "agent restarted and no longer runs the lease", Time: now})
+	}
+	e.needCycle = true
+}
+
+// release tells a node to stop and clean up a lease.
+func (e *Engine) release(node, lease, reason string) {
+	e.command(node, &pb.ConnectResponse{Msg: &pb.ConnectResponse_ReleaseLease{ReleaseLease: &pb.ReleaseLease{
+		LeaseId: lease, Grace: durationpb.New(e.cfg.KillGrace), Reason: reason,
+	}}})
+}
+
+func exitFrom(node string, le *leaseEntry, x *pb.LeaseExited) model.NodeExit {
+	return model.NodeExit{
+		Node: node, Rank: le.rank(node), ExitCode: int(x.GetExitCode()),
+		Signal: x.GetSignal(), Message: x.GetMessage(), Time: time.Now(),
+	}
+}
+
+// leaseStarted marks a node's command as running; the job is RUNNING once
+// every node has started.
+func (e *Engine) leaseStarted(le *leaseEntry, node string) {
+	if !le.lease.Active || le.started[node] {
+		return
+	}
+	le.started[node] = true
+	j := e.jobs[le.lease.JobID]
+	if len(le.started) == len(le.lease.Nodes) && j.State == model.JobScheduled {
+		j.State, j.StartTime = model.JobRunning, e.cfg.Now()
+		e.persist(store.Change{Job: j})
+	}
+}
+
+type agentEvent struct {
+	conn *agentConn
+	msg  *pb.ConnectRequest
+}
+
+func (ev *agentEvent) apply(e *Engine) {
+	n := e.nodes[ev.conn.node]
+	if n == nil || n.conn != ev.conn {
+		return // a message from a stream that was replaced
+	}
+	switch m := ev.msg.GetMsg().(type) {
+	case *pb.ConnectRequest_LeaseStarted:
+		if le := e.leaseOn(n, m.LeaseStarted.GetLeaseId()); le != nil {
+			e.leaseStarted(le, n.node.ID)
+		}
+	case *pb.ConnectRequest_LeaseExited:
+		if le := e.leaseOn(n, m.LeaseExited.GetLeaseId()); le != nil {
+			x := exitFrom(n.node.ID, le, m.LeaseExited)
+			x.Time = e.cfg.Now()
+			e.nodeExited(le, x)
+		}
+	case *pb.ConnectRequest_LeaseReleased:
+		r := m.LeaseReleased
+		if n.cleaning == r.GetLeaseId() {
+			n.cleaning = ""
+		}
+		if !r.GetClean() {
+			n.node.State, n.node.Reason = model.NodeUnhealthy, "cleanup after lease "+r.GetLeaseId()+" failed: "+r.GetMessage()
+			e.persist(store.Change{Node: n.node})
+			e.log.Warn("node unhealthy after cleanup", zap.String("node", n.node.ID), zap.String("lease_id", r.GetLeaseId()), zap.String("reason", r.GetMessage()))
+		}
+		e.needCycle = true
+	}
+}
+
+// leaseOn returns the active lease id if it includes node n.
+func (e *Engine) leaseOn(n *nodeEntry, id string) *leaseEntry {
+	le := e.leases[id]
+	if le == nil || !le.lease.Active || le.rank(n.node.ID) < 0 {
+		return nil
+	}
+	return le
+}
+
+type goneEvent struct{ conn *agentConn }
+
+func (ev *goneEvent) apply(e *Engine) {
+	n := e.nodes[ev.conn.node]
+	if n == nil || n.conn != ev.conn {
+		return
+	}
+	n.conn, n.disconnectedAt = nil, e.cfg.Now()
+	e.log.Info("agent disconnected", zap.String("node", n.node.ID))
+}
+
+func sameInventory(a, b model.Inventory) bool {
+	if a.GPUModel != b.GPUModel || a.GPUCount != b.GPUCount || a.GPUMemoryBytes != b.GPUMemoryBytes ||
+		a.DriverVersion != b.DriverVersion || a.CUDAVersion != b.CUDAVersion || a.Hostname != b.Hostname ||
+		len(a.GPUs) != len(b.GPUs) {
+		return false
+	}
+	for i := range a.GPUs {
+		if a.GPUs[i] != b.GPUs[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func sameLabels(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}

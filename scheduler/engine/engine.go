@@ -1,0 +1,240 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/store"
+)
+
+// Config configures one term of leadership.
+type Config struct {
+	Store *store.Store
+	// Fence guards every write; its Revision is also the fencing token
+	// carried by every command to agents.
+	Fence  store.Fence
+	Logger *zap.Logger
+	// Now is the clock; tests may fake it. Defaults to time.Now.
+	Now func() time.Time
+	// HeartbeatInterval is what agents are told to use. Default 2s.
+	HeartbeatInterval time.Duration
+	// NodeLostAfter: a node whose agent has been disconnected this long is
+	// LOST and its lease is ended. Default 30s.
+	NodeLostAfter time.Duration
+	// KillGrace is the SIGTERM-to-SIGKILL grace given to agents when a
+	// lease is stopped (cancel, time limit, failure of another rank).
+	// Default 10s.
+	KillGrace time.Duration
+	// CommitTimeout bounds one batch commit. Default 10s.
+	CommitTimeout time.Duration
+	// MaxBatch bounds how many events one loop turn applies. Default 4096.
+	MaxBatch int
+}
+
+func (c *Config) setDefaults() {
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	if c.HeartbeatInterval <= 0 {
+		c.HeartbeatInterval = 2 * time.Second
+	}
+	if c.NodeLostAfter <= 0 {
+		c.NodeLostAfter = 30 * time.Second
+	}
+	if c.KillGrace <= 0 {
+		c.KillGrace = 10 * time.Second
+	}
+	if c.CommitTimeout <= 0 {
+		c.CommitTimeout = 10 * time.Second
+	}
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = 4096
+	}
+}
+
+// Engine runs one leadership term. Create with New, then call Run once.
+type Engine struct {
+	cfg Config
+	log *zap.Logger
+
+	events chan event
+	// stopped is closed when Run returns; callers waiting on replies see it.
+	stopped chan struct{}
+	// loaded is closed once the term's state is rebuilt from etcd.
+	loaded chan struct{}
+
+	mu     sync.RWMutex // guards everything below; the loop holds it while applying+committing
+	jobs   map[string]*model.Job
+	order  []*model.Job // every job by Seq, for listing in ID order
+	nodes  map[string]*nodeEntry
+	leases map[string]*leaseEntry
+	queue  pendingQueue
+	jobSeq uint64
+	ready  bool // state loaded
+
+	// Per-turn accumulators, only touched by the loop.
+	changes   []store.Change
+	seqDirty  bool
+	outbox    []outMsg
+	replies   []func()
+	needCycle bool
+	deadlines deadlineHeap
+}
+
+// outMsg is a command for one agent, sent after the turn commits.
+type outMsg struct {
+	node string
+	msg  *pb.ConnectResponse
+}
+
+// New returns an engine for one term.
+func New(cfg Config) *Engine {
+	cfg.setDefaults()
+	return &Engine{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		events:  make(chan event, 8192),
+		stopped: make(chan struct{}),
+		loaded:  make(chan struct{}),
+		jobs:    map[string]*model.Job{},
+		nodes:   map[string]*nodeEntry{},
+		leases:  map[string]*leaseEntry{},
+	}
+}
+
+// Loaded is closed once the engine has rebuilt its state and serves reads.
+func (e *Engine) Loaded() <-chan struct{} { return e.loaded }
+
+// Token is the fencing token this term stamps on agent commands.
+func (e *Engine) Token() int64 { return e.cfg.Fence.Revision }
+
+// event is anything the loop applies. apply runs with e.mu held.
+type event interface{ apply(e *Engine) }
+
+// post hands an event to the loop, failing if the term is over.
+func (e *Engine) post(ctx context.Context, ev event) error {
+	select {
+	case e.events <- ev:
+		return nil
+	case <-e.stopped:
+		return model.ErrStopped
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Run loads state from etcd and runs the loop until ctx ends or a commit
+// fails. It returns nil only when ctx ended.
+func (e *Engine) Run(ctx context.Context) (err error) {
+	defer close(e.stopped)
+	defer func() { e.closeAgents() }()
+	start := e.cfg.Now()
+	if err := e.load(ctx); err != nil {
+		return err
+	}
+	close(e.loaded)
+	e.log.Info("leader state loaded", zap.Int("jobs", len(e.jobs)), zap.Int("nodes", len(e.nodes)),
+		zap.Int("leases", len(e.leases)), zap.Duration("took", e.cfg.Now().Sub(start)),
+		zap.Int64("token", e.Token()))
+
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		var first event
+		select {
+		case <-ctx.Done():
+			return nil
+		case first = <-e.events:
+		case <-tick.C:
+		}
+		if err := e.turn(ctx, first); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// turn applies first plus whatever else is queued, places, commits, and
+// then releases replies and agent commands.
+func (e *Engine) turn(ctx context.Context, first event) error {
+	e.mu.Lock()
+	if first != nil {
+		first.apply(e)
+	}
+drain:
+	for n := 1; n < e.cfg.MaxBatch; n++ {
+		select {
+		case ev := <-e.events:
+			ev.apply(e)
+		default:
+			break drain
+		}
+	}
+	e.checkTimers()
+	if e.needCycle {
+		e.needCycle = false
+		e.schedule()
+	}
+	err := e.commit(ctx)
+	e.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	for _, r := range e.replies {
+		r()
+	}
+	for _, m := range e.outbox {
+		e.send(m)
+	}
+	e.replies, e.outbox = e.replies[:0], e.outbox[:0]
+	return nil
+}
+
+// commit writes this turn's changes. Called with e.mu held.
+func (e *Engine) commit(ctx context.Context) error {
+	if len(e.changes) == 0 && !e.seqDirty {
+		return nil
+	}
+	var seq uint64
+	if e.seqDirty {
+		seq = e.jobSeq
+	}
+	cctx, cancel := context.WithTimeout(ctx, e.cfg.CommitTimeout)
+	defer cancel()
+	err := e.cfg.Store.Commit(cctx, e.cfg.Fence, e.changes, seq)
+	e.changes, e.seqDirty = e.changes[:0], false
+	if err != nil {
+		// Memory is now ahead of etcd by an unknown amount: end the term so
+		// the next one rebuilds from what actually committed.
+		e.replies, e.outbox = e.replies[:0], e.outbox[:0]
+		if errors.Is(err, store.ErrFenced) {
+			return fmt.Errorf("engine: deposed: %w", err)
+		}
+		return fmt.Errorf("engine: commit failed, ending term: %w", err)
+	}
+	return nil
+}
+
+// persist queues a change for this turn's commit.
+func (e *Engine) persist(c store.Change) { e.changes = append(e.changes, c) }
+
+// reply queues fn to run after this turn commits.
+func (e *Engine) reply(fn func()) { e.replies = append(e.replies, fn) }
+
+// command queues a message for node's agent, sent after commit.
+func (e *Engine) command(node string, msg *pb.ConnectResponse) {
+	msg.FencingToken = e.Token()
+	e.outbox = append(e.outbox, outMsg{node: node, msg: msg})
+}

@@ -1,0 +1,259 @@
+package engine
+
+import (
+	"container/heap"
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/placement"
+	"github.com/gpusched/gpusched/scheduler/store"
+)
+
+// result carries a job (or an error) back to an RPC handler.
+type result struct {
+	job *model.Job
+	err error
+}
+
+// await waits for the loop's answer, or for the term to end.
+func (e *Engine) await(ctx context.Context, ch <-chan result) (*model.Job, error) {
+	select {
+	case r := <-ch:
+		return r.job, r.err
+	case <-e.stopped:
+		return nil, model.ErrStopped
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+type submitEvent struct {
+	spec  model.JobSpec
+	reply chan result
+}
+
+// Submit records a validated job spec and returns the PENDING job once it
+// is durable in etcd.
+func (e *Engine) Submit(ctx context.Context, spec model.JobSpec) (*model.Job, error) {
+	spec, err := model.NormalizeJobSpec(spec)
+	if err != nil {
+		return nil, err
+	}
+	ev := &submitEvent{spec: spec, reply: make(chan result, 1)}
+	if err := e.post(ctx, ev); err != nil {
+		return nil, err
+	}
+	return e.await(ctx, ev.reply)
+}
+
+func (ev *submitEvent) apply(e *Engine) {
+	seq, id := e.nextJobID()
+	j := &model.Job{
+		ID: id, Seq: seq, Spec: ev.spec, State: model.JobPending,
+		Reason: "waiting for the next scheduling cycle", CreateTime: e.cfg.Now(),
+	}
+	e.jobs[id] = j
+	e.order = append(e.order, j)
+	e.queue.push(j)
+	e.needCycle = true
+	e.persist(store.Change{Job: j})
+	snap := j.Clone()
+	e.reply(func() { ev.reply <- result{job: snap} })
+}
+
+type cancelEvent struct {
+	id, reason string
+	reply      chan result
+}
+
+// Cancel ends a job that has not ended yet.
+func (e *Engine) Cancel(ctx context.Context, id, reason string) (*model.Job, error) {
+	if err := model.ValidateID("id", id); err != nil {
+		return nil, err
+	}
+	ev := &cancelEvent{id: id, reason: reason, reply: make(chan result, 1)}
+	if err := e.post(ctx, ev); err != nil {
+		return nil, err
+	}
+	return e.await(ctx, ev.reply)
+}
+
+func (ev *cancelEvent) apply(e *Engine) {
+	j, ok := e.jobs[ev.id]
+	var res result
+	switch {
+	case !ok:
+		res.err = model.Errorf(model.ErrNotFound, "job %s not found", ev.id)
+	case j.State.Terminal():
+		res.err = model.Errorf(model.ErrJobEnded, "job %s already ended (%s)", ev.id, j.State)
+	default:
+		reason := "cancelled by user"
+		if ev.reason != "" {
+			reason += ": " + ev.reason
+		}
+		e.endJob(j, model.JobCancelled, reason)
+		res.job = j.Clone()
+	}
+	// Answer after the commit even on error, so replies keep their order.
+	e.reply(func() { ev.reply <- res })
+}
+
+// schedule runs one placement cycle over the pending queue.
+func (e *Engine) schedule() {
+	e.queue.compact()
+	if len(e.queue.jobs) == 0 {
+		return
+	}
+	var free, all []placement.Node
+	for _, n := range e.nodes {
+		pn := placement.Node{ID: n.node.ID, GPUModel: n.node.Inventory.GPUModel, GPUCount: n.node.Inventory.GPUCount}
+		all = append(all, pn)
+		if n.placeable() {
+			free = append(free, pn)
+		}
+	}
+	reqs := make([]placement.Request, len(e.queue.jobs))
+	for i, j := range e.queue.jobs {
+		reqs[i] = placement.Request{JobID: j.ID, Nodes: j.Spec.Nodes, GPUModel: j.Spec.GPUModel, GPUsPerNode: j.Spec.GPUsPerNode}
+	}
+	plan := placement.Place(placement.NewSnapshot(free, all), reqs)
+	for id, why := range plan.Pending {
+		e.jobs[id].Reason = why
+	}
+	for _, a := range plan.Assignments {
+		e.grant(e.jobs[a.JobID], a.Nodes)
+	}
+	e.queue.compact()
+}
+
+// grant creates a lease of nodes for job and tells the agents to start.
+func (e *Engine) grant(j *model.Job, nodes []string) {
+	now := e.cfg.Now()
+	j.Attempts++
+	l := &model.Lease{
+		ID: model.LeaseID(j.ID, j.Attempts), JobID: j.ID, Tenant: j.Spec.Tenant,
+		Active: true, FencingToken: e.Token(), StartTime: now,
+	}
+	for rank, id := range nodes {
+		n := e.nodes[id]
+		uuids := make([]string, len(n.node.Inventory.GPUs))
+		for i, g := range n.node.Inventory.GPUs {
+			uuids[i] = g.UUID
+		}
+		l.Nodes = append(l.Nodes, model.LeaseNode{
+			Node: id, Rank: rank, GPUModel: n.node.Inventory.GPUModel,
+			GPUCount: n.node.Inventory.GPUCount, GPUUUIDs: uuids,
+		})
+		n.lease = l.ID
+	}
+	j.State, j.Reason, j.LeaseID, j.Nodes = model.JobScheduled, "", l.ID, nodes
+	j.ScheduleTime, j.Exits = now, nil
+	e.leases[l.ID] = newLeaseEntry(l)
+	e.persist(store.Change{Job: j, Lease: l})
+	if j.Spec.TimeLimit > 0 {
+		heap.Push(&e.deadlines, deadline{at: now.Add(j.Spec.TimeLimit), job: j.ID, lease: l.ID})
+	}
+	master := e.nodes[nodes[0]].node.Address
+	for rank, id := range nodes {
+		e.command(id, &pb.ConnectResponse{Msg: &pb.ConnectResponse_StartLease{StartLease: &pb.StartLease{
+			LeaseId: l.ID, JobId: j.ID, Command: j.Spec.Command, Env: j.Spec.Env,
+			Rank: int32(rank), Nodes: nodes, MasterAddr: master,
+		}}})
+	}
+	e.log.Info("lease granted", zap.String("job_id", j.ID), zap.String("lease_id", l.ID),
+		zap.Strings("nodes", nodes), zap.Int64("token", e.Token()))
+}
+
+// endJob moves a job to a terminal state, ends its active lease, and asks
+// every node of the lease to stop and clean up.
+func (e *Engine) endJob(j *model.Job, state model.JobState, reason string) {
+	now := e.cfg.Now()
+	j.State, j.Reason, j.EndTime = state, reason, now
+	change := store.Change{Job: j}
+	if le := e.leases[j.LeaseID]; le != nil && le.lease.Active {
+		l := le.lease
+		l.Active, l.EndTime, l.EndReason = false, now, state.String()+": "+reason
+		change.Lease = l
+		for _, ln := range l.Nodes {
+			n := e.nodes[ln.Node]
+			if n.lease == l.ID {
+				n.lease, n.cleaning = "", l.ID
+			}
+			e.command(ln.Node, &pb.ConnectResponse{Msg: &pb.ConnectResponse_ReleaseLease{ReleaseLease: &pb.ReleaseLease{
+				LeaseId: l.ID, Grace: durationpb.New(e.cfg.KillGrace), Reason: reason,
+			}}})
+		}
+	}
+	e.persist(change)
+	e.needCycle = true
+	e.log.Info("job ended", zap.String("job_id", j.ID), zap.String("state", state.String()), zap.String("reason", reason))
+}
+
+// nodeExited records one node's exit and ends the job when its outcome is known:
+// FAILED at the first failing node, SUCCEEDED when every node exited 0.
+func (e *Engine) nodeExited(le *leaseEntry, x model.NodeExit) {
+	if !le.lease.Active {
+		return
+	}
+	if _, dup := le.exits[x.Node]; dup {
+		return
+	}
+	le.exits[x.Node] = x
+	j := e.jobs[le.lease.JobID]
+	j.Exits = append(j.Exits, x)
+	sort.SliceStable(j.Exits, func(a, b int) bool { return j.Exits[a].Rank < j.Exits[b].Rank })
+	if !x.Success() {
+		e.endJob(j, model.JobFailed, describeExit(x))
+		return
+	}
+	if len(le.exits) == len(le.lease.Nodes) {
+		e.endJob(j, model.JobSucceeded, "")
+	}
+}
+
+func describeExit(x model.NodeExit) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "node %s (rank %d) ", x.Node, x.Rank)
+	if x.Signal != "" {
+		fmt.Fprintf(&b, "killed by %s", x.Signal)
+	} else {
+		fmt.Fprintf(&b, "exited with code %d", x.ExitCode)
+	}
+	// The runner's message often restates the code ("exit status 3").
+	if x.Message != "" && !strings.HasPrefix(x.Message, "exit status ") && !strings.HasPrefix(x.Message, "killed by ") {
+		fmt.Fprintf(&b, ": %s", x.Message)
+	}
+	return b.String()
+}
+
+// checkTimers ends jobs past their time limit and leases on lost nodes.
+func (e *Engine) checkTimers() {
+	now := e.cfg.Now()
+	for e.deadlines.Len() > 0 && !e.deadlines[0].at.After(now) {
+		d := heap.Pop(&e.deadlines).(deadline)
+		j := e.jobs[d.job]
+		if j == nil || j.LeaseID != d.lease || j.State.Terminal() {
+			continue
+		}
+		e.endJob(j, model.JobTimedOut, fmt.Sprintf("exceeded time limit %s", j.Spec.TimeLimit))
+	}
+	for id, n := range e.nodes {
+		if n.conn != nil || n.lost || now.Sub(n.disconnectedAt) < e.cfg.NodeLostAfter {
+			continue
+		}
+		n.lost = true
+		e.log.Warn("node lost", zap.String("node", id))
+		if n.lease != "" {
+			j := e.jobs[e.leases[n.lease].lease.JobID]
+			e.endJob(j, model.JobFailed, fmt.Sprintf("node %s lost: agent disconnected for %s", id, e.cfg.NodeLostAfter))
+		}
+		// A lost node cannot confirm cleanup; it is cleaned when it returns.
+	}
+}

@@ -1,0 +1,124 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+)
+
+// LogSink receives a job's output, node by node in rank order.
+type LogSink func(node string, rank int, data []byte) error
+
+// JobLogs streams the output of a job's last lease from the agents that
+// ran it. Logs stay on the nodes (in each agent's data dir); the scheduler
+// only relays them over the agents' existing streams.
+func (e *Engine) JobLogs(ctx context.Context, id string, sink LogSink) error {
+	if err := model.ValidateID("id", id); err != nil {
+		return err
+	}
+	e.mu.RLock()
+	j := e.jobs[id]
+	var lease *model.Lease
+	if j != nil && e.leases[j.LeaseID] != nil {
+		lease = e.leases[j.LeaseID].lease.Clone()
+	}
+	e.mu.RUnlock()
+	if j == nil {
+		return model.Errorf(model.ErrNotFound, "job %s not found", id)
+	}
+	if lease == nil {
+		return nil // never ran: no output
+	}
+	for _, ln := range lease.Nodes {
+		e.mu.RLock()
+		var c *agentConn
+		if n := e.nodes[ln.Node]; n != nil {
+			c = n.conn
+		}
+		e.mu.RUnlock()
+		if c == nil {
+			return model.Errorf(model.ErrLogsUnavailable, "logs unavailable: node %s is not connected", ln.Node)
+		}
+		if err := c.fetchLogs(ctx, e.Token(), lease.ID, func(b []byte) error { return sink(ln.Node, ln.Rank, b) }); err != nil {
+			return fmt.Errorf("node %s: %w", ln.Node, err)
+		}
+	}
+	return nil
+}
+
+// fetchLogs asks the agent for a lease's output and feeds the chunks to fn.
+func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, fn func([]byte) error) error {
+	id := c.nextReq.Add(1)
+	ch := make(chan *pb.LogChunk, 256)
+	c.mu.Lock()
+	if c.logReqs == nil {
+		c.mu.Unlock()
+		return fmt.Errorf("stream closed: %w", model.ErrLogsUnavailable)
+	}
+	c.logReqs[id] = ch
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.logReqs, id)
+		c.mu.Unlock()
+	}()
+	req := &pb.ConnectResponse{FencingToken: token, Msg: &pb.ConnectResponse_FetchLogs{FetchLogs: &pb.FetchLogs{RequestId: id, LeaseId: lease}}}
+	select {
+	case c.out <- req:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.ctx.Done():
+		return fmt.Errorf("stream closed: %w", model.ErrLogsUnavailable)
+	}
+	for {
+		select {
+		case chunk, ok := <-ch:
+			if !ok {
+				return fmt.Errorf("stream closed: %w", model.ErrLogsUnavailable)
+			}
+			if chunk.GetError() != "" {
+				return fmt.Errorf("%s: %w", chunk.GetError(), model.ErrLogsUnavailable)
+			}
+			if len(chunk.GetData()) > 0 {
+				if err := fn(chunk.GetData()); err != nil {
+					return err
+				}
+			}
+			if chunk.GetEof() {
+				return nil
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// deliverLog routes a chunk to its waiting request. A slow reader cannot
+// block the agent's stream: the request is failed instead.
+func (c *agentConn) deliverLog(chunk *pb.LogChunk) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ch, ok := c.logReqs[chunk.GetRequestId()]
+	if !ok {
+		return
+	}
+	select {
+	case ch <- chunk:
+	default:
+		close(ch)
+		delete(c.logReqs, chunk.GetRequestId())
+	}
+}
+
+// failLogRequests ends every waiting request when the stream goes away.
+func (c *agentConn) failLogRequests() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id, ch := range c.logReqs {
+		close(ch)
+		delete(c.logReqs, id)
+	}
+	c.logReqs = nil
+}

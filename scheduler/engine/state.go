@@ -1,0 +1,175 @@
+package engine
+
+import (
+	"container/heap"
+	"context"
+	"fmt"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/gpusched/gpusched/scheduler/model"
+)
+
+// nodeEntry is a node plus what the leader derives in memory. node.State
+// holds only the persisted, operator/health part (READY, DRAINED, UNHEALTHY);
+// LEASED, CLEANING and LOST are derived, so a placement writes no node
+// records and a restart recomputes them from leases and agent reports.
+type nodeEntry struct {
+	node *model.Node
+	// lease is the active lease holding the node.
+	lease string
+	// cleaning is an ended lease the agent has not yet released.
+	cleaning string
+	conn     *agentConn
+	// disconnectedAt is when the stream went away (or the term started).
+	disconnectedAt time.Time
+	lost           bool
+}
+
+// view renders the node as clients see it.
+func (n *nodeEntry) view() *model.Node {
+	v := n.node.Clone()
+	v.Connected = n.conn != nil
+	switch {
+	case n.lost:
+		v.State, v.Reason, v.LeaseID = model.NodeLost, "agent disconnected", n.lease
+	case n.lease != "":
+		v.State, v.LeaseID = model.NodeLeased, n.lease
+	case n.cleaning != "":
+		v.State, v.LeaseID = model.NodeCleaning, n.cleaning
+	}
+	return v
+}
+
+// placeable reports whether the node may be given a new lease now.
+func (n *nodeEntry) placeable() bool {
+	return n.conn != nil && n.lease == "" && n.cleaning == "" && n.node.State == model.NodeReady
+}
+
+// leaseEntry is a lease plus per-node progress kept in memory. Agents
+// re-report progress when they reconnect, so none of it needs etcd.
+type leaseEntry struct {
+	lease   *model.Lease
+	started map[string]bool
+	exits   map[string]model.NodeExit
+}
+
+func newLeaseEntry(l *model.Lease) *leaseEntry {
+	return &leaseEntry{lease: l, started: map[string]bool{}, exits: map[string]model.NodeExit{}}
+}
+
+// rank returns the node's rank in the lease, or -1.
+func (l *leaseEntry) rank(node string) int {
+	for _, n := range l.lease.Nodes {
+		if n.Node == node {
+			return n.Rank
+		}
+	}
+	return -1
+}
+
+// pendingQueue holds pending jobs in FIFO (submission) order.
+type pendingQueue struct {
+	jobs []*model.Job // sorted by Seq
+}
+
+func (q *pendingQueue) push(j *model.Job) {
+	n := len(q.jobs)
+	if n == 0 || q.jobs[n-1].Seq < j.Seq {
+		q.jobs = append(q.jobs, j)
+		return
+	}
+	i := sort.Search(n, func(i int) bool { return q.jobs[i].Seq >= j.Seq })
+	q.jobs = append(q.jobs, nil)
+	copy(q.jobs[i+1:], q.jobs[i:])
+	q.jobs[i] = j
+}
+
+// compact drops jobs that are no longer pending.
+func (q *pendingQueue) compact() {
+	out := q.jobs[:0]
+	for _, j := range q.jobs {
+		if j.State == model.JobPending {
+			out = append(out, j)
+		}
+	}
+	for i := len(out); i < len(q.jobs); i++ {
+		q.jobs[i] = nil
+	}
+	q.jobs = out
+}
+
+// deadline is a running lease's time limit.
+type deadline struct {
+	at    time.Time
+	job   string
+	lease string
+}
+
+type deadlineHeap []deadline
+
+func (h deadlineHeap) Len() int           { return len(h) }
+func (h deadlineHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h deadlineHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *deadlineHeap) Push(x any)        { *h = append(*h, x.(deadline)) }
+func (h *deadlineHeap) Pop() any {
+	old := *h
+	d := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return d
+}
+
+// load rebuilds memory from etcd at the start of the term.
+func (e *Engine) load(ctx context.Context) error {
+	st, err := e.cfg.Store.Load(ctx)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	now := e.cfg.Now()
+	e.jobSeq = st.JobSeq
+	for _, n := range st.Nodes {
+		e.nodes[n.ID] = &nodeEntry{node: n, disconnectedAt: now}
+	}
+	for _, j := range st.Jobs {
+		e.jobs[j.ID] = j
+		e.order = append(e.order, j) // the store returns jobs in key (Seq) order
+		if j.Seq > e.jobSeq {
+			// Cannot happen with fenced writes (seq lands first), but never
+			// hand out an ID twice if it somehow did.
+			e.jobSeq = j.Seq
+		}
+		if j.State == model.JobPending {
+			e.queue.push(j)
+		}
+	}
+	for _, l := range st.Leases {
+		le := newLeaseEntry(l)
+		e.leases[l.ID] = le
+		if !l.Active {
+			continue
+		}
+		for _, ln := range l.Nodes {
+			n, ok := e.nodes[ln.Node]
+			if !ok {
+				return fmt.Errorf("engine: lease %s names unknown node %s", l.ID, ln.Node)
+			}
+			n.lease = l.ID
+		}
+		if j := e.jobs[l.JobID]; j != nil && j.Spec.TimeLimit > 0 {
+			heap.Push(&e.deadlines, deadline{at: j.ScheduleTime.Add(j.Spec.TimeLimit), job: j.ID, lease: l.ID})
+		}
+	}
+	e.ready = true
+	e.needCycle = true
+	return nil
+}
+
+// nextJobID hands out the next job sequence number and its ID.
+func (e *Engine) nextJobID() (uint64, string) {
+	e.jobSeq++
+	e.seqDirty = true
+	return e.jobSeq, strconv.FormatUint(e.jobSeq, 10)
+}

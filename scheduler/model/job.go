@@ -1,0 +1,95 @@
+package model
+
+import "time"
+
+// JobState is where a job is in its life.
+type JobState int
+
+// Job states; see the JobState enum in proto/gpusched/v1/job.proto.
+const (
+	JobPending JobState = iota + 1
+	JobScheduled
+	JobRunning
+	JobSucceeded
+	JobFailed
+	JobCancelled
+	JobTimedOut
+)
+
+var jobStateNames = map[JobState]string{
+	JobPending: "PENDING", JobScheduled: "SCHEDULED", JobRunning: "RUNNING",
+	JobSucceeded: "SUCCEEDED", JobFailed: "FAILED", JobCancelled: "CANCELLED",
+	JobTimedOut: "TIMED_OUT",
+}
+
+// String returns the state's API name, e.g. "RUNNING".
+func (s JobState) String() string {
+	if n, ok := jobStateNames[s]; ok {
+		return n
+	}
+	return "UNKNOWN"
+}
+
+// Terminal reports whether the job has ended for good.
+func (s JobState) Terminal() bool {
+	return s == JobSucceeded || s == JobFailed || s == JobCancelled || s == JobTimedOut
+}
+
+// JobSpec is what the tenant asked for. It is immutable once accepted.
+type JobSpec struct {
+	Name        string
+	Tenant      string
+	Nodes       int
+	GPUModel    string // canonical (gpumodel.Parse) or empty for any
+	GPUsPerNode int    // minimum; 0 means any
+	Command     []string
+	Env         map[string]string
+	TimeLimit   time.Duration // 0 means none
+}
+
+// NodeExit is how the command ended on one node of a lease.
+type NodeExit struct {
+	Node     string
+	Rank     int
+	ExitCode int
+	Signal   string
+	Message  string
+	Time     time.Time
+}
+
+// Success reports whether the node's command exited 0.
+func (e NodeExit) Success() bool { return e.ExitCode == 0 && e.Signal == "" }
+
+// Job is a submitted job. Seq orders jobs by submission (FIFO) and is the
+// source of the decimal ID.
+type Job struct {
+	ID           string
+	Seq          uint64
+	Spec         JobSpec
+	State        JobState
+	Reason       string
+	LeaseID      string
+	Nodes        []string
+	CreateTime   time.Time
+	ScheduleTime time.Time
+	StartTime    time.Time
+	EndTime      time.Time
+	Exits        []NodeExit
+	Attempts     int
+}
+
+// Clone returns a deep copy, so snapshots handed out of the scheduler's loop
+// never alias its state.
+func (j *Job) Clone() *Job {
+	c := *j
+	c.Spec.Command = append([]string(nil), j.Spec.Command...)
+	if j.Spec.Env != nil {
+		c.Spec.Env = make(map[string]string, len(j.Spec.Env))
+		for k, v := range j.Spec.Env {
+			c.Spec.Env[k] = v
+		}
+	}
+	c.Nodes = append([]string(nil), j.Nodes...)
+	c.Exits = append([]NodeExit(nil), j.Exits...)
+	return &c
+}

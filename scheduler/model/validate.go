@@ -1,0 +1,113 @@
+package model
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/gpusched/gpusched/internal/gpumodel"
+)
+
+// Limits on a job spec. They bound what one request can make the scheduler
+// hold in memory and etcd, not what a cluster may contain.
+const (
+	MaxJobNodes     = 10000
+	MaxGPUsPerNode  = 64
+	MaxNameLen      = 128
+	MaxTimeLimit    = 366 * 24 * time.Hour
+	MaxCommandBytes = 64 << 10
+	MaxEnvEntries   = 256
+	DefaultTenant   = "default"
+)
+
+var (
+	envKeyRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	nameRE   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+)
+
+// reservedEnv are variables the agent sets itself for every lease.
+func reservedEnv(key string) bool {
+	return strings.HasPrefix(key, "GPUSCHED_") || key == "CUDA_VISIBLE_DEVICES"
+}
+
+// NormalizeJobSpec validates a submitted spec and returns it in canonical
+// form (default tenant, canonical GPU model). Field paths are relative to
+// the SubmitJobRequest, e.g. "spec.nodes".
+func NormalizeJobSpec(s JobSpec) (JobSpec, error) {
+	var v ValidationError
+	if len(s.Name) > MaxNameLen {
+		v.add("spec.name", fmt.Sprintf("must be at most %d characters", MaxNameLen))
+	}
+	if s.Tenant == "" {
+		s.Tenant = DefaultTenant
+	} else if !nameRE.MatchString(s.Tenant) || len(s.Tenant) > MaxNameLen {
+		v.add("spec.tenant", "must be letters, digits, '.', '_' or '-', starting with a letter or digit")
+	}
+	switch {
+	case s.Nodes < 1:
+		v.add("spec.nodes", fmt.Sprintf("must be at least 1, got %d", s.Nodes))
+	case s.Nodes > MaxJobNodes:
+		v.add("spec.nodes", fmt.Sprintf("must be at most %d, got %d", MaxJobNodes, s.Nodes))
+	}
+	if s.GPUModel != "" {
+		m, err := gpumodel.Parse(s.GPUModel)
+		if err != nil {
+			v.add("spec.gpu_model", fmt.Sprintf("unknown GPU model %q (known: %s)", s.GPUModel, strings.Join(gpumodel.Known(), ", ")))
+		}
+		s.GPUModel = m
+	}
+	if s.GPUsPerNode < 0 || s.GPUsPerNode > MaxGPUsPerNode {
+		v.add("spec.gpus_per_node", fmt.Sprintf("must be between 0 and %d, got %d", MaxGPUsPerNode, s.GPUsPerNode))
+	}
+	validateCommand(&v, s.Command)
+	if s.TimeLimit < 0 {
+		v.add("spec.time_limit", fmt.Sprintf("must not be negative, got %s", s.TimeLimit))
+	} else if s.TimeLimit > MaxTimeLimit {
+		v.add("spec.time_limit", fmt.Sprintf("must be at most %s", MaxTimeLimit))
+	}
+	if len(s.Env) > MaxEnvEntries {
+		v.add("spec.env", fmt.Sprintf("must have at most %d entries", MaxEnvEntries))
+	}
+	for k := range s.Env {
+		switch {
+		case !envKeyRE.MatchString(k):
+			v.add("spec.env", fmt.Sprintf("key %q is not a valid variable name", k))
+		case reservedEnv(k):
+			v.add("spec.env", fmt.Sprintf("key %q is set by gpusched itself", k))
+		}
+	}
+	return s, v.err()
+}
+
+func validateCommand(v *ValidationError, cmd []string) {
+	if len(cmd) == 0 {
+		v.add("spec.command", "must not be empty")
+		return
+	}
+	if strings.TrimSpace(cmd[0]) == "" {
+		v.add("spec.command", "program (first word) must not be empty")
+	}
+	size := 0
+	for _, a := range cmd {
+		size += len(a)
+		if strings.IndexByte(a, 0) >= 0 {
+			v.add("spec.command", "must not contain NUL bytes")
+			return
+		}
+	}
+	if size > MaxCommandBytes {
+		v.add("spec.command", fmt.Sprintf("must be at most %d bytes in all", MaxCommandBytes))
+	}
+}
+
+// ValidateID checks a job or node ID given by a client.
+func ValidateID(field, id string) error {
+	if id == "" {
+		return &ValidationError{Violations: []FieldViolation{{field, "must not be empty"}}}
+	}
+	if len(id) > MaxNameLen || !nameRE.MatchString(id) {
+		return &ValidationError{Violations: []FieldViolation{{field, fmt.Sprintf("%q is not a valid ID", id)}}}
+	}
+	return nil
+}

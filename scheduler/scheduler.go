@@ -1,0 +1,168 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/gpusched/gpusched/scheduler/api"
+	"github.com/gpusched/gpusched/scheduler/engine"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/store"
+)
+
+// Config configures a scheduler replica.
+type Config struct {
+	// Etcd is the client for the state store; the caller owns it.
+	Etcd *clientv3.Client
+	// Prefix is the etcd key prefix for all records. Default "/gpusched".
+	Prefix string
+	// Name identifies this replica in the election (e.g. its address).
+	Name string
+	// SessionTTL is the etcd lease TTL behind leadership: how long a dead
+	// leader holds on before another replica takes over. Default 5s.
+	SessionTTL time.Duration
+	Logger     *zap.Logger
+	// Engine tunes each leadership term; Store, Fence and Logger are set
+	// by the scheduler.
+	Engine engine.Config
+}
+
+// Scheduler is one replica: it serves the API and leads when elected.
+type Scheduler struct {
+	cfg     Config
+	log     *zap.Logger
+	store   *store.Store
+	current atomic.Pointer[engine.Engine]
+}
+
+// New returns a replica; call Serve to run it.
+func New(cfg Config) *Scheduler {
+	if cfg.Prefix == "" {
+		cfg.Prefix = "/gpusched"
+	}
+	if cfg.SessionTTL <= 0 {
+		cfg.SessionTTL = 5 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix)}
+}
+
+// Leader returns the engine of the current term, if this replica leads and
+// has finished loading its state.
+func (s *Scheduler) Leader() (*engine.Engine, error) {
+	if e := s.current.Load(); e != nil {
+		return e, nil
+	}
+	return nil, fmt.Errorf("%s: %w", s.cfg.Name, model.ErrNotLeader)
+}
+
+// Serve serves the gRPC API on lis and campaigns for leadership until ctx
+// ends; then it stops gracefully (in-flight RPCs finish, streams are cut).
+func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
+	srv := grpc.NewServer(api.ServerOptions(s.log)...)
+	api.Register(srv, s.Leader)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(lis) }()
+	campaignDone := make(chan struct{})
+	go func() {
+		defer close(campaignDone)
+		s.campaign(ctx)
+	}()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-serveErr:
+		cancel()
+	}
+	<-campaignDone // the engine is stopped: agent streams are closed
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		srv.Stop()
+	}
+	return err
+}
+
+// campaign runs terms of leadership until ctx ends.
+func (s *Scheduler) campaign(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := s.term(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		s.log.Warn("leadership term ended", zap.Error(err), zap.Duration("retry_in", backoff))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// term wins an election, runs one engine, and steps down.
+func (s *Scheduler) term(ctx context.Context) error {
+	ttl := max(1, int(s.cfg.SessionTTL/time.Second))
+	sess, err := concurrency.NewSession(s.cfg.Etcd, concurrency.WithTTL(ttl), concurrency.WithContext(ctx))
+	if err != nil {
+		return fmt.Errorf("scheduler: etcd session: %w", err)
+	}
+	defer sess.Close()
+	el := concurrency.NewElection(sess, s.cfg.Prefix+"/leader")
+	if err := el.Campaign(ctx, s.cfg.Name); err != nil {
+		return fmt.Errorf("scheduler: campaign: %w", err)
+	}
+	termCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-sess.Done(): // session expired: stop all work at once
+			cancel()
+		case <-termCtx.Done():
+		}
+	}()
+	ecfg := s.cfg.Engine
+	ecfg.Store, ecfg.Logger = s.store, s.log
+	ecfg.Fence = store.Fence{Key: el.Key(), Revision: el.Rev()}
+	eng := engine.New(ecfg)
+	s.log.Info("elected leader", zap.String("replica", s.cfg.Name), zap.Int64("token", el.Rev()))
+	go func() {
+		select {
+		case <-eng.Loaded():
+			s.current.Store(eng)
+		case <-termCtx.Done():
+		}
+	}()
+	runErr := eng.Run(termCtx)
+	s.current.CompareAndSwap(eng, nil)
+	rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
+	defer rcancel()
+	if err := el.Resign(rctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		s.log.Debug("resign", zap.Error(err))
+	}
+	if runErr == nil && sess.Ctx().Err() == nil && ctx.Err() == nil {
+		runErr = errors.New("scheduler: term ended")
+	}
+	select {
+	case <-sess.Done():
+		return fmt.Errorf("scheduler: etcd session expired: %w", model.ErrStopped)
+	default:
+	}
+	return runErr
+}

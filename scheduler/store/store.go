@@ -1,0 +1,258 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/wire"
+)
+
+// MaxOpsPerTxn is etcd's default --max-txn-ops; a Commit never exceeds it.
+const MaxOpsPerTxn = 128
+
+// loadPageSize bounds one range read while loading, so a cold start on a
+// large cluster streams its state instead of asking for one huge response.
+const loadPageSize = 5000
+
+// ErrFenced means the leader key no longer has the expected create revision:
+// this replica has been deposed and must stop writing.
+var ErrFenced = errors.New("store: fenced out (no longer leader)")
+
+// Fence identifies the current leader's election key and its create
+// revision; writes commit only while that key still exists unchanged.
+type Fence struct {
+	Key      string
+	Revision int64
+}
+
+// Change is a set of records that must land atomically (in one
+// transaction), e.g. a placed job and its new lease. Nil fields are skipped.
+type Change struct {
+	Job   *model.Job
+	Lease *model.Lease
+	Node  *model.Node
+}
+
+func (c Change) ops() int {
+	n := 0
+	if c.Job != nil {
+		n++
+	}
+	if c.Lease != nil {
+		n++
+	}
+	if c.Node != nil {
+		n++
+	}
+	return n
+}
+
+// Store reads and writes the scheduler's records in etcd.
+type Store struct {
+	cli    *clientv3.Client
+	prefix string
+}
+
+// New returns a store over cli using keys under prefix (e.g. "/gpusched").
+func New(cli *clientv3.Client, prefix string) *Store {
+	return &Store{cli: cli, prefix: strings.TrimSuffix(prefix, "/")}
+}
+
+func (s *Store) jobKey(seq uint64) string  { return fmt.Sprintf("%s/jobs/%020d", s.prefix, seq) }
+func (s *Store) nodeKey(id string) string  { return s.prefix + "/nodes/" + id }
+func (s *Store) seqKey() string            { return s.prefix + "/meta/job_seq" }
+func (s *Store) leaseKey(id string) string { return s.prefix + "/leases/" + padLeaseID(id) }
+func (s *Store) leasePrefix() string       { return s.prefix + "/leases/" }
+func (s *Store) jobPrefix() string         { return s.prefix + "/jobs/" }
+func (s *Store) nodePrefix() string        { return s.prefix + "/nodes/" }
+
+// padLeaseID pads the job part of "42.1" so leases sort by job.
+func padLeaseID(id string) string {
+	job, attempt, ok := strings.Cut(id, ".")
+	seq, err := strconv.ParseUint(job, 10, 64)
+	if !ok || err != nil {
+		return id
+	}
+	return fmt.Sprintf("%020d.%s", seq, attempt)
+}
+
+// State is everything Load read, at one etcd revision.
+type State struct {
+	Jobs     []*model.Job
+	Nodes    []*model.Node
+	Leases   []*model.Lease
+	JobSeq   uint64
+	Revision int64
+}
+
+// Load reads the whole durable state at a single revision.
+func (s *Store) Load(ctx context.Context) (*State, error) {
+	st := &State{}
+	resp, err := s.cli.Get(ctx, s.seqKey())
+	if err != nil {
+		return nil, fmt.Errorf("store: load job seq: %w", err)
+	}
+	st.Revision = resp.Header.Revision
+	if len(resp.Kvs) == 1 {
+		if st.JobSeq, err = strconv.ParseUint(string(resp.Kvs[0].Value), 10, 64); err != nil {
+			return nil, fmt.Errorf("store: corrupt job seq %q: %w", resp.Kvs[0].Value, err)
+		}
+	}
+	err = s.scan(ctx, s.jobPrefix(), st.Revision, func(key string, v []byte) error {
+		var p pb.Job
+		if err := proto.Unmarshal(v, &p); err != nil {
+			return err
+		}
+		j := wire.JobFromProto(&p)
+		seq, err := strconv.ParseUint(strings.TrimPrefix(key, s.jobPrefix()), 10, 64)
+		if err != nil {
+			return err
+		}
+		j.Seq = seq
+		st.Jobs = append(st.Jobs, j)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.scan(ctx, s.nodePrefix(), st.Revision, func(_ string, v []byte) error {
+		var p pb.Node
+		if err := proto.Unmarshal(v, &p); err != nil {
+			return err
+		}
+		st.Nodes = append(st.Nodes, wire.NodeFromProto(&p))
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.scan(ctx, s.leasePrefix(), st.Revision, func(_ string, v []byte) error {
+		var p pb.Lease
+		if err := proto.Unmarshal(v, &p); err != nil {
+			return err
+		}
+		st.Leases = append(st.Leases, wire.LeaseFromProto(&p))
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// scan reads every key under prefix at rev, page by page.
+func (s *Store) scan(ctx context.Context, prefix string, rev int64, fn func(key string, value []byte) error) error {
+	end := clientv3.GetPrefixRangeEnd(prefix)
+	from := prefix
+	for {
+		resp, err := s.cli.Get(ctx, from, clientv3.WithRange(end), clientv3.WithRev(rev),
+			clientv3.WithLimit(loadPageSize), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+		if err != nil {
+			return fmt.Errorf("store: load %s: %w", prefix, err)
+		}
+		for _, kv := range resp.Kvs {
+			if err := fn(string(kv.Key), kv.Value); err != nil {
+				return fmt.Errorf("store: decode %s: %w", kv.Key, err)
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// Commit writes changes in as few fenced transactions as possible. Each
+// Change lands atomically; jobSeq, when non-zero, is written in the first
+// transaction so no job ID can ever be handed out twice. It returns ErrFenced
+// if the fence no longer holds. On any error the caller must assume an
+// unknown prefix of the transactions committed and rebuild from etcd.
+func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSeq uint64) error {
+	b := batch{keys: map[string]bool{}}
+	if jobSeq > 0 {
+		b.put(s.seqKey(), strconv.FormatUint(jobSeq, 10))
+	}
+	for _, c := range changes {
+		if len(b.ops)+c.ops() > MaxOpsPerTxn {
+			if err := s.txn(ctx, fence, b.ops); err != nil {
+				return err
+			}
+			b = batch{keys: map[string]bool{}}
+		}
+		if err := s.appendOps(&b, c); err != nil {
+			return err
+		}
+	}
+	ops := b.ops
+	if len(ops) == 0 {
+		return nil
+	}
+	return s.txn(ctx, fence, ops)
+}
+
+// batch is the ops of one transaction. etcd rejects a key put twice in one
+// transaction; a record changed twice in one turn is the same object, so
+// its first put already carries the final value and later ones are dropped.
+type batch struct {
+	ops  []clientv3.Op
+	keys map[string]bool
+}
+
+func (b *batch) put(key, value string) {
+	if b.keys[key] {
+		return
+	}
+	b.keys[key] = true
+	b.ops = append(b.ops, clientv3.OpPut(key, value))
+}
+
+func (s *Store) appendOps(b *batch, c Change) error {
+	if c.Job != nil {
+		v, err := proto.Marshal(wire.JobToProto(c.Job))
+		if err != nil {
+			return fmt.Errorf("store: encode job %s: %w", c.Job.ID, err)
+		}
+		b.put(s.jobKey(c.Job.Seq), string(v))
+	}
+	if c.Lease != nil {
+		v, err := proto.Marshal(wire.LeaseToProto(c.Lease))
+		if err != nil {
+			return fmt.Errorf("store: encode lease %s: %w", c.Lease.ID, err)
+		}
+		b.put(s.leaseKey(c.Lease.ID), string(v))
+	}
+	if c.Node != nil {
+		// Connected and the lease fields are derived in memory; persisting
+		// them would only go stale.
+		n := c.Node.Clone()
+		n.Connected, n.LeaseID, n.JobID = false, "", ""
+		v, err := proto.Marshal(wire.NodeToProto(n))
+		if err != nil {
+			return fmt.Errorf("store: encode node %s: %w", c.Node.ID, err)
+		}
+		b.put(s.nodeKey(c.Node.ID), string(v))
+	}
+	return nil
+}
+
+func (s *Store) txn(ctx context.Context, fence Fence, ops []clientv3.Op) error {
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Revision)).
+		Then(ops...).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("store: commit %d ops: %w", len(ops), err)
+	}
+	if !resp.Succeeded {
+		return ErrFenced
+	}
+	return nil
+}

@@ -1,0 +1,233 @@
+package wire
+
+import (
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+)
+
+// ts converts a time, keeping the zero time as "unset".
+func ts(t time.Time) *timestamppb.Timestamp {
+	if t.IsZero() {
+		return nil
+	}
+	return timestamppb.New(t)
+}
+
+// fromTS converts back; nil becomes the zero time.
+func fromTS(t *timestamppb.Timestamp) time.Time {
+	if t == nil {
+		return time.Time{}
+	}
+	return t.AsTime()
+}
+
+// JobSpecToProto converts a spec.
+func JobSpecToProto(s model.JobSpec) *pb.JobSpec {
+	out := &pb.JobSpec{
+		Name:        s.Name,
+		Tenant:      s.Tenant,
+		Nodes:       int32(s.Nodes),
+		GpuModel:    s.GPUModel,
+		GpusPerNode: int32(s.GPUsPerNode),
+		Command:     s.Command,
+		Env:         s.Env,
+	}
+	if s.TimeLimit > 0 {
+		out.TimeLimit = durationpb.New(s.TimeLimit)
+	}
+	return out
+}
+
+// JobSpecFromProto converts a spec without validating it; an invalid
+// duration becomes -1ns so that validation reports it.
+func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
+	if s == nil {
+		return model.JobSpec{}
+	}
+	out := model.JobSpec{
+		Name:        s.GetName(),
+		Tenant:      s.GetTenant(),
+		Nodes:       int(s.GetNodes()),
+		GPUModel:    s.GetGpuModel(),
+		GPUsPerNode: int(s.GetGpusPerNode()),
+		Command:     s.GetCommand(),
+		Env:         s.GetEnv(),
+	}
+	if d := s.GetTimeLimit(); d != nil {
+		if err := d.CheckValid(); err != nil {
+			out.TimeLimit = -1
+		} else {
+			out.TimeLimit = d.AsDuration()
+		}
+	}
+	return out
+}
+
+// JobToProto converts a job.
+func JobToProto(j *model.Job) *pb.Job {
+	out := &pb.Job{
+		Id:           j.ID,
+		Spec:         JobSpecToProto(j.Spec),
+		State:        pb.JobState(j.State),
+		Reason:       j.Reason,
+		LeaseId:      j.LeaseID,
+		Nodes:        j.Nodes,
+		CreateTime:   ts(j.CreateTime),
+		ScheduleTime: ts(j.ScheduleTime),
+		StartTime:    ts(j.StartTime),
+		EndTime:      ts(j.EndTime),
+		Attempts:     int32(j.Attempts),
+	}
+	for _, e := range j.Exits {
+		out.Exits = append(out.Exits, &pb.NodeExit{
+			Node: e.Node, Rank: int32(e.Rank), ExitCode: int32(e.ExitCode),
+			Signal: e.Signal, Message: e.Message, Time: ts(e.Time),
+		})
+	}
+	return out
+}
+
+// JobFromProto converts a stored job. seq is recovered from the ID by the
+// caller (the store), which owns the key layout.
+func JobFromProto(p *pb.Job) *model.Job {
+	j := &model.Job{
+		ID:           p.GetId(),
+		Spec:         JobSpecFromProto(p.GetSpec()),
+		State:        model.JobState(p.GetState()),
+		Reason:       p.GetReason(),
+		LeaseID:      p.GetLeaseId(),
+		Nodes:        p.GetNodes(),
+		CreateTime:   fromTS(p.GetCreateTime()),
+		ScheduleTime: fromTS(p.GetScheduleTime()),
+		StartTime:    fromTS(p.GetStartTime()),
+		EndTime:      fromTS(p.GetEndTime()),
+		Attempts:     int(p.GetAttempts()),
+	}
+	for _, e := range p.GetExits() {
+		j.Exits = append(j.Exits, model.NodeExit{
+			Node: e.GetNode(), Rank: int(e.GetRank()), ExitCode: int(e.GetExitCode()),
+			Signal: e.GetSignal(), Message: e.GetMessage(), Time: fromTS(e.GetTime()),
+		})
+	}
+	return j
+}
+
+// InventoryToProto converts an inventory.
+func InventoryToProto(inv model.Inventory) *pb.Inventory {
+	out := &pb.Inventory{
+		GpuModel:       inv.GPUModel,
+		GpuCount:       int32(inv.GPUCount),
+		GpuMemoryBytes: inv.GPUMemoryBytes,
+		DriverVersion:  inv.DriverVersion,
+		CudaVersion:    inv.CUDAVersion,
+		Hostname:       inv.Hostname,
+	}
+	for _, g := range inv.GPUs {
+		out.Gpus = append(out.Gpus, &pb.Gpu{
+			Index: int32(g.Index), Uuid: g.UUID, Name: g.Name,
+			MemoryBytes: g.MemoryBytes, PciBusId: g.PCIBusID,
+		})
+	}
+	return out
+}
+
+// InventoryFromProto converts an inventory.
+func InventoryFromProto(p *pb.Inventory) model.Inventory {
+	inv := model.Inventory{
+		GPUModel:       p.GetGpuModel(),
+		GPUCount:       int(p.GetGpuCount()),
+		GPUMemoryBytes: p.GetGpuMemoryBytes(),
+		DriverVersion:  p.GetDriverVersion(),
+		CUDAVersion:    p.GetCudaVersion(),
+		Hostname:       p.GetHostname(),
+	}
+	for _, g := range p.GetGpus() {
+		inv.GPUs = append(inv.GPUs, model.GPU{
+			Index: int(g.GetIndex()), UUID: g.GetUuid(), Name: g.GetName(),
+			MemoryBytes: g.GetMemoryBytes(), PCIBusID: g.GetPciBusId(),
+		})
+	}
+	return inv
+}
+
+// NodeToProto converts a node.
+func NodeToProto(n *model.Node) *pb.Node {
+	return &pb.Node{
+		Id:           n.ID,
+		Inventory:    InventoryToProto(n.Inventory),
+		State:        pb.NodeState(n.State),
+		Labels:       n.Labels,
+		LeaseId:      n.LeaseID,
+		JobId:        n.JobID,
+		Connected:    n.Connected,
+		Address:      n.Address,
+		RegisterTime: ts(n.RegisterTime),
+		Reason:       n.Reason,
+	}
+}
+
+// NodeFromProto converts a stored node.
+func NodeFromProto(p *pb.Node) *model.Node {
+	return &model.Node{
+		ID:           p.GetId(),
+		Inventory:    InventoryFromProto(p.GetInventory()),
+		State:        model.NodeState(p.GetState()),
+		Labels:       p.GetLabels(),
+		LeaseID:      p.GetLeaseId(),
+		JobID:        p.GetJobId(),
+		Connected:    p.GetConnected(),
+		Address:      p.GetAddress(),
+		RegisterTime: fromTS(p.GetRegisterTime()),
+		Reason:       p.GetReason(),
+	}
+}
+
+// LeaseToProto converts a lease.
+func LeaseToProto(l *model.Lease) *pb.Lease {
+	out := &pb.Lease{
+		Id:           l.ID,
+		JobId:        l.JobID,
+		Tenant:       l.Tenant,
+		State:        pb.LeaseState_LEASE_STATE_ENDED,
+		FencingToken: l.FencingToken,
+		StartTime:    ts(l.StartTime),
+		EndTime:      ts(l.EndTime),
+		EndReason:    l.EndReason,
+	}
+	if l.Active {
+		out.State = pb.LeaseState_LEASE_STATE_ACTIVE
+	}
+	for _, n := range l.Nodes {
+		out.Nodes = append(out.Nodes, &pb.LeaseNode{
+			Node: n.Node, Rank: int32(n.Rank), GpuModel: n.GPUModel,
+			GpuCount: int32(n.GPUCount), GpuUuids: n.GPUUUIDs,
+		})
+	}
+	return out
+}
+
+// LeaseFromProto converts a stored lease.
+func LeaseFromProto(p *pb.Lease) *model.Lease {
+	l := &model.Lease{
+		ID:           p.GetId(),
+		JobID:        p.GetJobId(),
+		Tenant:       p.GetTenant(),
+		Active:       p.GetState() == pb.LeaseState_LEASE_STATE_ACTIVE,
+		FencingToken: p.GetFencingToken(),
+		StartTime:    fromTS(p.GetStartTime()),
+		EndTime:      fromTS(p.GetEndTime()),
+		EndReason:    p.GetEndReason(),
+	}
+	for _, n := range p.GetNodes() {
+		l.Nodes = append(l.Nodes, model.LeaseNode{
+			Node: n.GetNode(), Rank: int(n.GetRank()), GPUModel: n.GetGpuModel(),
+			GPUCount: int(n.GetGpuCount()), GPUUUIDs: n.GetGpuUuids(),
+		})
+	}
+	return l
+}
