@@ -153,7 +153,9 @@ election revision.`,
 			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
-			cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Context: ctx, Logger: log.Named("etcd-client")})
+			// The client outlives ctx on purpose: on shutdown the replica still
+			// resigns leadership so a successor takes over at once.
+			cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: log.Named("etcd-client")})
 			if err != nil {
 				return fmt.Errorf("etcd: %w", err)
 			}
