@@ -2,7 +2,6 @@ package scheduler
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"sync/atomic"
@@ -142,7 +141,9 @@ func (s *Scheduler) term(ctx context.Context) error {
 	ecfg.Fence = store.Fence{Key: el.Key(), Revision: el.Rev()}
 	eng := engine.New(ecfg)
 	s.log.Info("elected leader", zap.String("replica", s.cfg.Name), zap.Int64("token", el.Rev()))
+	published := make(chan struct{})
 	go func() {
+		defer close(published)
 		select {
 		case <-eng.Loaded():
 			s.current.Store(eng)
@@ -150,19 +151,23 @@ func (s *Scheduler) term(ctx context.Context) error {
 		}
 	}()
 	runErr := eng.Run(termCtx)
+	// Unpublish only after the publisher is done, or a term that ends right
+	// after loading could leave its stopped engine published.
+	cancel()
+	<-published
 	s.current.CompareAndSwap(eng, nil)
+	// Step down at once so another replica need not wait out the TTL.
 	rctx, rcancel := context.WithTimeout(context.Background(), time.Second)
 	defer rcancel()
-	if err := el.Resign(rctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+	if err := el.Resign(rctx); err != nil {
 		s.log.Debug("resign", zap.Error(err))
 	}
-	if runErr == nil && sess.Ctx().Err() == nil && ctx.Err() == nil {
-		runErr = errors.New("scheduler: term ended")
-	}
-	select {
-	case <-sess.Done():
-		return fmt.Errorf("scheduler: etcd session expired: %w", model.ErrStopped)
+	switch {
+	case runErr != nil:
+		return runErr
+	case ctx.Err() != nil:
+		return nil
 	default:
+		return fmt.Errorf("scheduler: etcd session expired: %w", model.ErrStopped)
 	}
-	return runErr
 }

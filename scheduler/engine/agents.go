@@ -89,21 +89,44 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	}()
 	defer func() { cancel(); <-sendErr }()
 
-	for {
-		msg, err := stream.Recv()
-		if err != nil {
-			return err
+	// Recv cannot be interrupted, so it runs on its own goroutine and the
+	// handler returns as soon as ctx ends (term over, stream replaced by a
+	// reconnect, agent too slow): returning is what closes the stream, so
+	// the agent notices and reconnects to whoever leads now. The receiver
+	// then ends too, since Recv fails once the handler has returned.
+	recvErr := make(chan error, 1)
+	go func() {
+		for {
+			msg, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			if chunk := msg.GetLogChunk(); chunk != nil {
+				c.deliverLog(chunk)
+				continue
+			}
+			if msg.GetHeartbeat() != nil {
+				continue
+			}
+			if ctx.Err() != nil {
+				recvErr <- ctx.Err()
+				return
+			}
+			if err := e.post(ctx, &agentEvent{conn: c, msg: msg}); err != nil {
+				recvErr <- err
+				return
+			}
 		}
-		if chunk := msg.GetLogChunk(); chunk != nil {
-			c.deliverLog(chunk)
-			continue
+	}()
+	select {
+	case err := <-recvErr:
+		return err
+	case <-ctx.Done():
+		if stream.Context().Err() != nil {
+			return stream.Context().Err()
 		}
-		if msg.GetHeartbeat() != nil {
-			continue
-		}
-		if err := e.post(ctx, &agentEvent{conn: c, msg: msg}); err != nil {
-			return err
-		}
+		return fmt.Errorf("agent stream of node %s closed by the scheduler: %w", c.node, model.ErrStopped)
 	}
 }
 
@@ -184,7 +207,7 @@ func (ev *helloEvent) apply(e *Engine) {
 			e.leaseStarted(le, n.node.ID)
 		}
 		if ls.GetExited() {
-			e.nodeExited(le, exitFrom(n.node.ID, le, ls.GetExit()))
+			e.nodeExited(le, exitFrom(n.node.ID, le, ls.GetExit(), now))
 		}
 	}
 	if n.lease != "" && !held[n.lease] {
@@ -203,10 +226,10 @@ func (e *Engine) release(node, lease, reason string) {
 	}}})
 }
 
-func exitFrom(node string, le *leaseEntry, x *pb.LeaseExited) model.NodeExit {
+func exitFrom(node string, le *leaseEntry, x *pb.LeaseExited, now time.Time) model.NodeExit {
 	return model.NodeExit{
 		Node: node, Rank: le.rank(node), ExitCode: int(x.GetExitCode()),
-		Signal: x.GetSignal(), Message: x.GetMessage(), Time: time.Now(),
+		Signal: x.GetSignal(), Message: x.GetMessage(), Time: now,
 	}
 }
 
@@ -241,9 +264,7 @@ func (ev *agentEvent) apply(e *Engine) {
 		}
 	case *pb.ConnectRequest_LeaseExited:
 		if le := e.leaseOn(n, m.LeaseExited.GetLeaseId()); le != nil {
-			x := exitFrom(n.node.ID, le, m.LeaseExited)
-			x.Time = e.cfg.Now()
-			e.nodeExited(le, x)
+			e.nodeExited(le, exitFrom(n.node.ID, le, m.LeaseExited, e.cfg.Now()))
 		}
 	case *pb.ConnectRequest_LeaseReleased:
 		r := m.LeaseReleased

@@ -2,7 +2,9 @@ package model
 
 import (
 	"fmt"
+	"maps"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -69,7 +71,8 @@ func NormalizeJobSpec(s JobSpec) (JobSpec, error) {
 	if len(s.Env) > MaxEnvEntries {
 		v.add("spec.env", fmt.Sprintf("must have at most %d entries", MaxEnvEntries))
 	}
-	for k := range s.Env {
+	// Sorted, so the same request always gets the same error.
+	for _, k := range slices.Sorted(maps.Keys(s.Env)) {
 		switch {
 		case !envKeyRE.MatchString(k):
 			v.add("spec.env", fmt.Sprintf("key %q is not a valid variable name", k))
