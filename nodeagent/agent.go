@@ -139,7 +139,15 @@ func (a *Agent) Run(ctx context.Context) error {
 // session is one live stream to a scheduler.
 type session struct {
 	out chan *pb.ConnectRequest
+	// logSlots bounds the LogChunks queued in out. Chunks wait for room
+	// (see sendLogs) and a big log would otherwise fill out completely,
+	// so that reports (LeaseExited, LeaseReleased) found it full and were
+	// dropped while the stream stayed up, never to be re-reported.
+	logSlots chan struct{}
 }
+
+// maxQueuedLogChunks is the share of a session's queue log chunks may take.
+const maxQueuedLogChunks = 64
 
 // notify sends msg on the current stream, if any. Messages lost while
 // disconnected are not lost facts: the next hello re-reports every held
@@ -172,7 +180,7 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 	if err != nil {
 		return err
 	}
-	s := &session{out: make(chan *pb.ConnectRequest, 1024)}
+	s := &session{out: make(chan *pb.ConnectRequest, 1024), logSlots: make(chan struct{}, maxQueuedLogChunks)}
 	// The hello and the session switch happen under one lock, so an exit is
 	// either in the hello or sent on this stream afterwards, never lost.
 	a.mu.Lock()
@@ -200,6 +208,9 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 				sendDone <- ctx.Err()
 				return
 			case m = <-s.out:
+				if m.GetLogChunk() != nil {
+					<-s.logSlots
+				}
 			case <-heartbeat.C:
 				m = &pb.ConnectRequest{Msg: &pb.ConnectRequest_Heartbeat{Heartbeat: &pb.Heartbeat{}}}
 			}

@@ -65,10 +65,20 @@ func (a *Agent) leaseEnv(s *pb.StartLease) []string {
 	)
 }
 
+// validLeaseID accepts IDs that are safe as one path segment under the
+// data dir; the scheduler's "<job>.<attempt>" always is.
+func validLeaseID(id string) bool {
+	return id != "" && !strings.ContainsAny(id, `/\`) && !strings.HasPrefix(id, ".")
+}
+
 // startLease runs the node's part of a lease.
 func (a *Agent) startLease(s *pb.StartLease) {
 	id := s.GetLeaseId()
 	log := a.log.With(zap.String("lease_id", id), zap.String("job_id", s.GetJobId()))
+	if !validLeaseID(id) {
+		log.Error("refusing StartLease with an invalid lease id")
+		return
+	}
 	a.mu.Lock()
 	if _, dup := a.state.Leases[id]; dup {
 		a.mu.Unlock()
@@ -79,14 +89,17 @@ func (a *Agent) startLease(s *pb.StartLease) {
 	for other := range a.state.Leases {
 		busy = other
 	}
-	a.state.Leases[id] = l
 	if busy != "" {
 		// Exclusivity is the scheduler's promise; the agent double-checks.
+		// The refused lease is reported but never held: held, it would
+		// keep the node refusing leases after busy's release and could be
+		// named as the holder in the next refusal.
 		a.exitLocked(l, runner.Exit{Code: -1, Message: "node still holds lease " + busy})
 		a.mu.Unlock()
 		log.Error("refusing second lease", zap.String("held", busy))
 		return
 	}
+	a.state.Leases[id] = l
 	proc, err := runner.Start(runner.Spec{
 		Command: s.GetCommand(), Env: a.leaseEnv(s), Dir: a.scratch(id), LogPath: a.logPath(id),
 	})
@@ -151,6 +164,10 @@ func (a *Agent) saveLocked() {
 // keeps serving while a command takes its grace period to exit.
 func (a *Agent) releaseLease(r *pb.ReleaseLease) {
 	id := r.GetLeaseId()
+	if !validLeaseID(id) {
+		a.log.Error("refusing ReleaseLease with an invalid lease id", zap.String("lease_id", id))
+		return
+	}
 	grace := a.cfg.StopGrace
 	if g := r.GetGrace(); g != nil && g.CheckValid() == nil {
 		grace = g.AsDuration()
@@ -174,6 +191,8 @@ func (a *Agent) releaseLease(r *pb.ReleaseLease) {
 func (a *Agent) cleanup(id string, grace time.Duration) (bool, string) {
 	a.mu.Lock()
 	proc := a.procs[id]
+	_, held := a.state.Leases[id]
+	otherHolds := !held && len(a.state.Leases) > 0
 	a.mu.Unlock()
 	if proc != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), grace+30*time.Second)
@@ -185,6 +204,11 @@ func (a *Agent) cleanup(id string, grace time.Duration) (bool, string) {
 	}
 	if err := os.RemoveAll(a.scratch(id)); err != nil {
 		return false, "wiping scratch: " + err.Error()
+	}
+	if otherHolds {
+		// id never held the node (it was refused): the GPUs' processes
+		// belong to the lease that does.
+		return true, ""
 	}
 	procs, err := gpu.ListGPUProcesses(a.cfg.NVML)
 	if err != nil {
@@ -210,12 +234,17 @@ func (a *Agent) sendLogs(ctx context.Context, req *pb.FetchLogs) {
 			return
 		}
 		select {
+		case s.logSlots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		select {
 		case s.out <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_LogChunk{LogChunk: c}}:
 		case <-ctx.Done():
 		}
 	}
 	rid := req.GetRequestId()
-	if strings.ContainsAny(req.GetLeaseId(), `/\`) || req.GetLeaseId() == "" || strings.HasPrefix(req.GetLeaseId(), ".") {
+	if !validLeaseID(req.GetLeaseId()) {
 		send(&pb.LogChunk{RequestId: rid, Eof: true, Error: "invalid lease id"})
 		return
 	}
