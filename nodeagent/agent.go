@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/nodeagent/runner"
@@ -136,6 +137,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
+// Heartbeat intervals: the default until the scheduler's Welcome says
+// otherwise, and the floor the agent accepts.
+const (
+	defaultHeartbeat = 2 * time.Second
+	minHeartbeat     = 100 * time.Millisecond
+)
+
 // session is one live stream to a scheduler.
 type session struct {
 	out chan *pb.ConnectRequest
@@ -168,7 +176,11 @@ func (a *Agent) notify(msg *pb.ConnectRequest) {
 
 // serve runs one stream until it fails or ctx ends.
 func (a *Agent) serve(ctx context.Context, server string) error {
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, a.cfg.DialOptions...)
+	opts := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// Notice a dead scheduler host even while nothing is being sent.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
+	}, a.cfg.DialOptions...)
 	conn, err := grpc.NewClient(server, opts...)
 	if err != nil {
 		return err
@@ -198,8 +210,9 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 		return err
 	}
 	sendDone := make(chan error, 1)
+	interval := make(chan time.Duration, 1) // from Welcome
 	go func() {
-		heartbeat := time.NewTicker(2 * time.Second)
+		heartbeat := time.NewTicker(defaultHeartbeat)
 		defer heartbeat.Stop()
 		for {
 			var m *pb.ConnectRequest
@@ -207,6 +220,9 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 			case <-ctx.Done():
 				sendDone <- ctx.Err()
 				return
+			case d := <-interval:
+				heartbeat.Reset(d)
+				continue
 			case m = <-s.out:
 				if m.GetLogChunk() != nil {
 					<-s.logSlots
@@ -234,6 +250,12 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 		switch m := cmd.GetMsg().(type) {
 		case *pb.ConnectResponse_Welcome:
 			a.log.Info("registered with scheduler", zap.String("server", server), zap.Int64("token", cmd.GetFencingToken()))
+			if d := m.Welcome.GetHeartbeatInterval(); d.CheckValid() == nil && d.AsDuration() >= minHeartbeat {
+				select {
+				case interval <- d.AsDuration():
+				default:
+				}
+			}
 		case *pb.ConnectResponse_StartLease:
 			a.startLease(m.StartLease)
 		case *pb.ConnectResponse_ReleaseLease:

@@ -8,14 +8,17 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 )
 
-// ServerOptions returns the interceptor chain every RPC of a scheduler
-// passes, in order: panic recovery, then logging. Authentication and
+// ServerOptions returns the server's options: keepalive policy and the
+// interceptor chain every RPC passes, in order: panic recovery, then logging. Authentication and
 // authorization join this chain; nothing registers interceptors elsewhere.
 func ServerOptions(log *zap.Logger) []grpc.ServerOption {
 	return []grpc.ServerOption{
+		// Agents ping every 10s to detect dead peers; allow it.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(recoverUnary(log), logUnary(log)),
 		grpc.ChainStreamInterceptor(recoverStream(log), logStream(log)),
 	}

@@ -95,6 +95,8 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	// the agent notices and reconnects to whoever leads now. The receiver
 	// then ends too, since Recv fails once the handler has returned.
 	recvErr := make(chan error, 1)
+	var lastRecv atomic.Int64 // unix nanos of the last message
+	lastRecv.Store(time.Now().UnixNano())
 	go func() {
 		for {
 			msg, err := stream.Recv()
@@ -102,6 +104,7 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 				recvErr <- err
 				return
 			}
+			lastRecv.Store(time.Now().UnixNano())
 			if chunk := msg.GetLogChunk(); chunk != nil {
 				c.deliverLog(chunk)
 				continue
@@ -119,16 +122,31 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 			}
 		}
 	}()
-	select {
-	case err := <-recvErr:
-		return err
-	case <-ctx.Done():
-		if stream.Context().Err() != nil {
-			return stream.Context().Err()
+	// A host that vanished without closing its TCP connection sends
+	// nothing; missing heartbeats end the stream so the node can be LOST.
+	silence := heartbeatsMissed * e.cfg.HeartbeatInterval
+	watchdog := time.NewTicker(e.cfg.HeartbeatInterval)
+	defer watchdog.Stop()
+	for {
+		select {
+		case err := <-recvErr:
+			return err
+		case <-watchdog.C:
+			if quiet := time.Since(time.Unix(0, lastRecv.Load())); quiet > silence {
+				e.log.Warn("agent silent, closing its stream", zap.String("node", c.node), zap.Duration("silent_for", quiet))
+				return fmt.Errorf("node %s sent nothing for %s: %w", c.node, quiet.Round(time.Millisecond), model.ErrStopped)
+			}
+		case <-ctx.Done():
+			if stream.Context().Err() != nil {
+				return stream.Context().Err()
+			}
+			return fmt.Errorf("agent stream of node %s closed by the scheduler: %w", c.node, model.ErrStopped)
 		}
-		return fmt.Errorf("agent stream of node %s closed by the scheduler: %w", c.node, model.ErrStopped)
 	}
 }
+
+// heartbeatsMissed is how many heartbeat intervals of silence end a stream.
+const heartbeatsMissed = 3
 
 // send delivers a queued command to its node's agent, if connected.
 func (e *Engine) send(m outMsg) {
@@ -210,11 +228,24 @@ func (ev *helloEvent) apply(e *Engine) {
 			e.nodeExited(le, exitFrom(n.node.ID, le, ls.GetExit(), now))
 		}
 	}
+	if n.cleaning != "" && !held[n.cleaning] {
+		// The agent no longer holds the lease we wait on: it released it
+		// while disconnected (its LeaseReleased went down with the old
+		// stream) or never got it. Nothing is left to clean.
+		n.cleaning = ""
+	}
 	if n.lease != "" && !held[n.lease] {
-		// The agent lost our lease (it restarted): that node's part is gone.
 		le := e.leases[n.lease]
-		e.nodeExited(le, model.NodeExit{Node: n.node.ID, Rank: le.rank(n.node.ID), ExitCode: -1,
-			Message: "agent restarted and no longer runs the lease", Time: now})
+		if !le.started[n.node.ID] {
+			// StartLease went down with the old stream (or was sent by a
+			// previous term): the command never started, so start it now.
+			// An agent that ran it would hold the lease until released.
+			e.startOn(le, n.node.ID)
+		} else {
+			// The agent ran our lease and lost it (its state is gone).
+			e.nodeExited(le, model.NodeExit{Node: n.node.ID, Rank: le.rank(n.node.ID), ExitCode: -1,
+				Message: "agent restarted and no longer runs the lease", Time: now})
+		}
 	}
 	e.needCycle = true
 }

@@ -160,15 +160,21 @@ func (e *Engine) grant(j *model.Job, nodes []string) {
 	if j.Spec.TimeLimit > 0 {
 		heap.Push(&e.deadlines, deadline{at: now.Add(j.Spec.TimeLimit), job: j.ID, lease: l.ID})
 	}
-	master := e.nodes[nodes[0]].node.Address
-	for rank, id := range nodes {
-		e.command(id, &pb.ConnectResponse{Msg: &pb.ConnectResponse_StartLease{StartLease: &pb.StartLease{
-			LeaseId: l.ID, JobId: j.ID, Command: j.Spec.Command, Env: j.Spec.Env,
-			Rank: int32(rank), Nodes: nodes, MasterAddr: master,
-		}}})
+	le := e.leases[l.ID]
+	for _, id := range nodes {
+		e.startOn(le, id)
 	}
 	e.log.Info("lease granted", zap.String("job_id", j.ID), zap.String("lease_id", l.ID),
 		zap.Strings("nodes", nodes), zap.Int64("token", e.Token()))
+}
+
+// startOn tells one node of a lease to run the job's command.
+func (e *Engine) startOn(le *leaseEntry, node string) {
+	l, j := le.lease, e.jobs[le.lease.JobID]
+	e.command(node, &pb.ConnectResponse{Msg: &pb.ConnectResponse_StartLease{StartLease: &pb.StartLease{
+		LeaseId: l.ID, JobId: j.ID, Command: j.Spec.Command, Env: j.Spec.Env,
+		Rank: int32(le.rank(node)), Nodes: l.NodeNames(), MasterAddr: e.nodes[l.Nodes[0].Node].node.Address,
+	}}})
 }
 
 // endJob moves a job to a terminal state, ends its active lease, and asks

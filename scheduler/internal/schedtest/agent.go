@@ -26,8 +26,9 @@ type AgentConfig struct {
 	// Address is what the agent tells peers to use; default "<NodeID>:29500".
 	Address string
 	Labels  map[string]string
-	// Heartbeat, if non-zero, makes the agent send a heartbeat this often,
-	// as a real agent does.
+	// Heartbeat is how often the agent sends a heartbeat, as a real agent
+	// does (the scheduler closes silent streams). Default 500ms; negative
+	// sends none, to play a host that vanished.
 	Heartbeat time.Duration
 	// OnStart handles StartLease. Default: report the command started and
 	// leave it running (call Exit to end it).
@@ -93,6 +94,9 @@ func StartAgent(t testing.TB, target string, cfg AgentConfig) *Agent {
 	}
 	if cfg.GPUs == 0 {
 		cfg.GPUs = 8
+	}
+	if cfg.Heartbeat == 0 {
+		cfg.Heartbeat = 500 * time.Millisecond
 	}
 	if cfg.Address == "" {
 		cfg.Address = cfg.NodeID + ":29500"
@@ -379,6 +383,14 @@ func (a *Agent) Hold(h *pb.HeldLease) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.held[h.GetLeaseId()] = cloneHeld(h)
+}
+
+// Forget drops a lease without telling the scheduler, as an agent that
+// lost its state (or whose LeaseReleased was lost with its stream) would.
+func (a *Agent) Forget(lease string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.held, lease)
 }
 
 // Held returns the IDs of the leases the agent holds, sorted.
