@@ -208,6 +208,8 @@ func TestListJobs(t *testing.T) {
 		{"the last page", engine.JobFilter{PageSize: 3, PageToken: "6"}, []string{"7"}, "", false},
 		{"filtered by state", engine.JobFilter{States: []model.JobState{model.JobCancelled}}, []string{"2", "5"}, "", false},
 		{"filtered and paged", engine.JobFilter{States: []model.JobState{model.JobPending}, PageSize: 2, PageToken: "1"}, []string{"3", "4"}, "4", false},
+		{"a full page with no matching job after it has no token", engine.JobFilter{States: []model.JobState{model.JobCancelled}, PageSize: 1, PageToken: "2"}, []string{"5"}, "", false},
+		{"a page that ends exactly at the last job has no token", engine.JobFilter{PageSize: 7}, []string{"1", "2", "3", "4", "5", "6", "7"}, "", false},
 		{"a page size over the maximum is capped", engine.JobFilter{PageSize: engine.MaxPageSize + 1}, []string{"1", "2", "3", "4", "5", "6", "7"}, "", false},
 		{"a negative page size is invalid", engine.JobFilter{PageSize: -1}, nil, "", true},
 		{"a token that is not a job ID is invalid", engine.JobFilter{PageToken: "abc"}, nil, "", true},

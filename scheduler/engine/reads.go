@@ -65,9 +65,14 @@ func (e *Engine) ListJobs(f JobFilter) ([]*model.Job, string, error) {
 			out = append(out, j.Clone())
 		}
 	}
+	// Hand out a token only if another matching job exists, so a client
+	// never fetches a final, empty page.
 	next := ""
-	if i < len(e.order) && len(out) == size {
-		next = out[len(out)-1].ID
+	for ; i < len(e.order) && len(out) == size; i++ {
+		if len(want) == 0 || want[e.order[i].State] {
+			next = out[len(out)-1].ID
+			break
+		}
 	}
 	return out, next, nil
 }
