@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 )
@@ -25,12 +26,7 @@ func newJobsCmd() *cobra.Command {
   gpusched jobs --state pending,running
   gpusched jobs 42
   gpusched jobs 42 -o json`,
-		Args: func(cmd *cobra.Command, args []string) error {
-			if len(args) > 1 {
-				return usageError("jobs takes at most one job ID")
-			}
-			return checkOutput(output)
-		},
+		Args: readArgs(&output, "job ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := dial(cmd)
 			if err != nil {
@@ -43,10 +39,7 @@ func newJobsCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if output != "table" {
-					return printProto(w, output, job)
-				}
-				return describeJob(w, job)
+				return printOne(w, output, job, describeJob)
 			}
 			req := &pb.ListJobsRequest{}
 			for _, s := range splitList(states) {
@@ -88,6 +81,25 @@ func newJobsCmd() *cobra.Command {
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	cmd.Flags().StringSliceVar(&states, "state", nil, "only jobs in these states (pending, running, succeeded, ...)")
 	return cmd
+}
+
+// readArgs validates the arguments of a read command: at most one name,
+// and a known -o format.
+func readArgs(output *string, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) > 1 {
+			return usageError("%s takes at most one %s", cmd.Name(), what)
+		}
+		return checkOutput(*output)
+	}
+}
+
+// printOne shows one object: described for humans, or as the API object.
+func printOne[T proto.Message](w io.Writer, output string, obj T, describe func(io.Writer, T) error) error {
+	if output != "table" {
+		return printProto(w, output, obj)
+	}
+	return describe(w, obj)
 }
 
 func splitList(vals []string) []string {
@@ -197,12 +209,7 @@ func newNodesCmd() *cobra.Command {
 		Example: `  gpusched nodes
   gpusched nodes gpu-01
   gpusched nodes -o yaml`,
-		Args: func(cmd *cobra.Command, args []string) error {
-			if len(args) > 1 {
-				return usageError("nodes takes at most one node name")
-			}
-			return checkOutput(output)
-		},
+		Args: readArgs(&output, "node name"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := dial(cmd)
 			if err != nil {
@@ -215,10 +222,7 @@ func newNodesCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if output != "table" {
-					return printProto(w, output, n)
-				}
-				return describeNode(w, n)
+				return printOne(w, output, n, describeNode)
 			}
 			nodes, err := c.Nodes(cmd.Context())
 			if err != nil {
