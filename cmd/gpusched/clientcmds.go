@@ -87,9 +87,6 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 				return err
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), job.GetId())
-			if job.GetReason() != "" && job.GetState() == pb.JobState_JOB_STATE_PENDING {
-				fmt.Fprintf(cmd.ErrOrStderr(), "job %s submitted (PENDING)\n", job.GetId())
-			}
 			return nil
 		},
 	}
