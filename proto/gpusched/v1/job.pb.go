@@ -112,7 +112,10 @@ type JobSpec struct {
 	// Extra environment for the command.
 	Env map[string]string `protobuf:"bytes,7,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Wall-clock limit from the moment the job is scheduled; unset means none.
-	TimeLimit     *durationpb.Duration `protobuf:"bytes,8,opt,name=time_limit,json=timeLimit,proto3" json:"time_limit,omitempty"`
+	TimeLimit *durationpb.Duration `protobuf:"bytes,8,opt,name=time_limit,json=timeLimit,proto3" json:"time_limit,omitempty"`
+	// How many times the job is requeued (under a new lease) when a node of
+	// its lease is lost; unset means the default of 1, 0 never requeues.
+	MaxRetries    *int32 `protobuf:"varint,9,opt,name=max_retries,json=maxRetries,proto3,oneof" json:"max_retries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -201,6 +204,13 @@ func (x *JobSpec) GetTimeLimit() *durationpb.Duration {
 		return x.TimeLimit
 	}
 	return nil
+}
+
+func (x *JobSpec) GetMaxRetries() int32 {
+	if x != nil && x.MaxRetries != nil {
+		return *x.MaxRetries
+	}
+	return 0
 }
 
 // NodeExit is how a job's command ended on one node.
@@ -312,7 +322,9 @@ type Job struct {
 	// Per-node exits of the last lease, in rank order of arrival.
 	Exits []*NodeExit `protobuf:"bytes,11,rep,name=exits,proto3" json:"exits,omitempty"`
 	// Number of leases granted so far (1 for a job that ran once).
-	Attempts      int32 `protobuf:"varint,12,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	Attempts int32 `protobuf:"varint,12,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// Times the job was requeued after losing a node.
+	Retries       int32 `protobuf:"varint,13,opt,name=retries,proto3" json:"retries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -431,11 +443,18 @@ func (x *Job) GetAttempts() int32 {
 	return 0
 }
 
+func (x *Job) GetRetries() int32 {
+	if x != nil {
+		return x.Retries
+	}
+	return 0
+}
+
 var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
-	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x02\n" +
+	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x02\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x14\n" +
@@ -445,17 +464,20 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\acommand\x18\x06 \x03(\tR\acommand\x12/\n" +
 	"\x03env\x18\a \x03(\v2\x1d.gpusched.v1.JobSpec.EnvEntryR\x03env\x128\n" +
 	"\n" +
-	"time_limit\x18\b \x01(\v2\x19.google.protobuf.DurationR\ttimeLimit\x1a6\n" +
+	"time_limit\x18\b \x01(\v2\x19.google.protobuf.DurationR\ttimeLimit\x12$\n" +
+	"\vmax_retries\x18\t \x01(\x05H\x00R\n" +
+	"maxRetries\x88\x01\x01\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb1\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n" +
+	"\f_max_retries\"\xb1\x01\n" +
 	"\bNodeExit\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x1b\n" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06signal\x18\x04 \x01(\tR\x06signal\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12.\n" +
-	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xee\x03\n" +
+	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x88\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12+\n" +
@@ -471,7 +493,8 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\bend_time\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12+\n" +
 	"\x05exits\x18\v \x03(\v2\x15.gpusched.v1.NodeExitR\x05exits\x12\x1a\n" +
-	"\battempts\x18\f \x01(\x05R\battempts*\xcd\x01\n" +
+	"\battempts\x18\f \x01(\x05R\battempts\x12\x18\n" +
+	"\aretries\x18\r \x01(\x05R\aretries*\xcd\x01\n" +
 	"\bJobState\x12\x19\n" +
 	"\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11JOB_STATE_PENDING\x10\x01\x12\x17\n" +
@@ -529,6 +552,7 @@ func file_gpusched_v1_job_proto_init() {
 	if File_gpusched_v1_job_proto != nil {
 		return
 	}
+	file_gpusched_v1_job_proto_msgTypes[0].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
