@@ -16,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
@@ -335,9 +336,11 @@ func TestAJobPastItsTimeLimitTimesOut(t *testing.T) {
 	waitAllReady(t, c)
 }
 
-func TestANodeWhoseAgentStaysAwayIsLostAndFailsItsJob(t *testing.T) {
+func TestANodeWhoseAgentStaysAwayIsLostAndFailsItsJobWithoutRetries(t *testing.T) {
 	c := cluster(t, 2, schedtest.AgentConfig{}, engine.Config{NodeLostAfter: time.Second})
-	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(2))
+	spec := schedtest.Spec(2)
+	spec.MaxRetries = proto.Int32(0)
+	j := schedtest.Submit(t, c.Replica.Jobs, spec)
 	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
 	lostNode, other := running.GetNodes()[1], running.GetNodes()[0]
 	lost := c.Agent(lostNode)
@@ -348,20 +351,47 @@ func TestANodeWhoseAgentStaysAwayIsLostAndFailsItsJob(t *testing.T) {
 		t.Errorf("lost node %s shows connected", lostNode)
 	}
 	failed := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_FAILED)
-	if want := "node " + lostNode + " lost: agent disconnected for 1s"; failed.GetReason() != want {
+	if want := "node " + lostNode + " lost (agent gone for 1s)"; failed.GetReason() != want {
 		t.Errorf("reason = %q; want %q", failed.GetReason(), want)
 	}
 	c.Agent(other).WaitRelease(t, running.GetLeaseId())
 	schedtest.WaitNodeState(t, c.Replica.Nodes, other, pb.NodeState_NODE_STATE_READY)
-
-	// The agent returns still holding the ended lease: it is told to
-	// release it, and the node is READY once it has.
-	if !slices.Contains(lost.Held(), running.GetLeaseId()) {
-		t.Fatalf("the agent should still hold %s; holds %v", running.GetLeaseId(), lost.Held())
-	}
+	// The lost agent returns holding the ended lease: it is told to drop it.
 	lost.Reconnect("")
 	lost.WaitRelease(t, running.GetLeaseId())
-	schedtest.WaitNodeState(t, c.Replica.Nodes, lostNode, pb.NodeState_NODE_STATE_READY)
+	waitAllReady(t, c)
+}
+
+func TestAJobThatLosesANodeIsRequeuedUnderANewLeaseAndRunsElsewhere(t *testing.T) {
+	c := cluster(t, 3, schedtest.AgentConfig{}, engine.Config{NodeLostAfter: time.Second})
+	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(2))
+	first := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	lostNode := first.GetNodes()[1]
+	c.Agent(lostNode).Disconnect()
+	second := schedtest.WaitJob(t, c.Replica.Jobs, j.GetId(), "to run again under a second lease", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_RUNNING && j.GetLeaseId() == j.GetId()+".2"
+	})
+	if second.GetRetries() != 1 || second.GetAttempts() != 2 || slices.Contains(second.GetNodes(), lostNode) {
+		t.Errorf("after requeue: %s retries=%d attempts=%d; want retry 1, attempt 2, not on %s",
+			schedtest.DescribeJob(second), second.GetRetries(), second.GetAttempts(), lostNode)
+	}
+	for _, n := range second.GetNodes() {
+		c.Agent(n).Exit(second.GetLeaseId(), 0, "")
+	}
+	schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_SUCCEEDED)
+
+	// Losing a node again spends the last retry: the job fails.
+	j2 := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	r := schedtest.WaitJobState(t, c.Replica.Jobs, j2.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	c.Agent(r.GetNodes()[0]).Disconnect()
+	r = schedtest.WaitJob(t, c.Replica.Jobs, j2.GetId(), "to run again", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_RUNNING && j.GetAttempts() == 2
+	})
+	c.Agent(r.GetNodes()[0]).Disconnect()
+	failed := schedtest.WaitJobState(t, c.Replica.Jobs, j2.GetId(), pb.JobState_JOB_STATE_FAILED)
+	if !strings.Contains(failed.GetReason(), "(all 1 retries used)") {
+		t.Errorf("reason = %q", failed.GetReason())
+	}
 }
 
 func TestANodeReturnsToServiceWhenItsAgentNoLongerHoldsTheLeaseBeingCleaned(t *testing.T) {
@@ -402,7 +432,7 @@ func TestAnExitReportedWhileDisconnectedArrivesWithTheNextHello(t *testing.T) {
 	waitAllReady(t, c)
 }
 
-func TestAnAgentThatLostItsLeaseFailsTheJob(t *testing.T) {
+func TestAnAgentThatLostItsLeaseGetsTheJobRequeued(t *testing.T) {
 	c := cluster(t, 1, schedtest.AgentConfig{}, engine.Config{})
 	a := c.Agents[0]
 	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
@@ -410,8 +440,26 @@ func TestAnAgentThatLostItsLeaseFailsTheJob(t *testing.T) {
 	a.Disconnect()
 	a.Forget(running.GetLeaseId()) // the agent restarted without its state
 	a.Reconnect("")
+	again := schedtest.WaitJob(t, c.Replica.Jobs, j.GetId(), "to run under a new lease", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_RUNNING && j.GetLeaseId() == j.GetId()+".2"
+	})
+	if again.GetRetries() != 1 {
+		t.Errorf("retries = %d, want 1", again.GetRetries())
+	}
+}
+
+func TestAnAgentThatLostItsLeaseFailsAJobWithoutRetries(t *testing.T) {
+	c := cluster(t, 1, schedtest.AgentConfig{}, engine.Config{})
+	a := c.Agents[0]
+	spec := schedtest.Spec(1)
+	spec.MaxRetries = proto.Int32(0)
+	j := schedtest.Submit(t, c.Replica.Jobs, spec)
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	a.Disconnect()
+	a.Forget(running.GetLeaseId())
+	a.Reconnect("")
 	failed := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_FAILED)
-	if !strings.Contains(failed.GetReason(), "agent restarted and no longer runs the lease") {
+	if !strings.Contains(failed.GetReason(), "restarted and lost the lease") {
 		t.Errorf("reason = %q", failed.GetReason())
 	}
 	waitAllReady(t, c)

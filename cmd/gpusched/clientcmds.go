@@ -43,9 +43,10 @@ func exactArgs(n int, what string) cobra.PositionalArgs {
 
 func newSubmitCmd() *cobra.Command {
 	var (
-		spec      pb.JobSpec
-		timeLimit time.Duration
-		env       []string
+		spec       pb.JobSpec
+		timeLimit  time.Duration
+		env        []string
+		maxRetries int32
 	)
 	cmd := &cobra.Command{
 		Use:   "submit [flags] -- COMMAND [ARG...]",
@@ -64,6 +65,9 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 				return usageError("put the command after --, e.g. gpusched submit --nodes 2 -- sh -c 'hostname'")
 			}
 			spec.Command = args
+			if cmd.Flags().Changed("max-retries") {
+				spec.MaxRetries = &maxRetries
+			}
 			if timeLimit != 0 {
 				spec.TimeLimit = durationProto(timeLimit)
 			}
@@ -98,6 +102,7 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 	f.StringVar(&spec.Name, "name", "", "job name")
 	f.StringVar(&spec.Tenant, "tenant", "", "tenant to bill (default \"default\")")
 	f.StringArrayVar(&env, "env", nil, "extra environment KEY=VALUE (repeatable)")
+	f.Int32Var(&maxRetries, "max-retries", 1, "requeue the job under a new lease at most this often when it loses a node")
 	return cmd
 }
 

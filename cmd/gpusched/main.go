@@ -86,6 +86,7 @@ replicas).`,
 	root.PersistentFlags().String("server", "", "scheduler endpoint(s), host:port[,host:port...] (env GPUSCHED_SERVER)")
 	root.AddCommand(
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
+		newEtcdCmd(),
 		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(),
 	)
 	return root

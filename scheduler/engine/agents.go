@@ -242,9 +242,9 @@ func (ev *helloEvent) apply(e *Engine) {
 			// An agent that ran it would hold the lease until released.
 			e.startOn(le, n.node.ID)
 		} else {
-			// The agent ran our lease and lost it (its state is gone).
-			e.nodeExited(le, model.NodeExit{Node: n.node.ID, Rank: le.rank(n.node.ID), ExitCode: -1,
-				Message: "agent restarted and no longer runs the lease", Time: now})
+			// The agent ran our lease and lost it (its state is gone): the
+			// node failed the job, the job did not fail.
+			e.nodeFailed(e.jobs[le.lease.JobID], fmt.Sprintf("agent of node %s restarted and lost the lease", n.node.ID))
 		}
 	}
 	e.needCycle = true

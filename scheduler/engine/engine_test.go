@@ -14,6 +14,7 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
@@ -307,6 +308,7 @@ func TestTimersFollowTheClock(t *testing.T) {
 			a.WaitWelcomed(t, 1)
 			s := schedtest.Spec(1)
 			s.TimeLimit = durationpb.New(time.Hour)
+			s.MaxRetries = proto.Int32(0) // a lost node fails the job at once
 			j := schedtest.Submit(t, tm.jobs, s)
 			running := schedtest.WaitJobState(t, tm.jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
 			c.run(t, clk, tm, a, running)
@@ -343,7 +345,9 @@ func TestANewTermRebuildsTimersFromEtcd(t *testing.T) {
 	limited := schedtest.Spec(1)
 	limited.TimeLimit = durationpb.New(time.Hour)
 	j1 := schedtest.Submit(t, tm.jobs, limited)
-	j2 := schedtest.Submit(t, tm.jobs, schedtest.Spec(1))
+	noRetry := schedtest.Spec(1)
+	noRetry.MaxRetries = proto.Int32(0)
+	j2 := schedtest.Submit(t, tm.jobs, noRetry)
 	r1 := schedtest.WaitJobState(t, tm.jobs, j1.GetId(), pb.JobState_JOB_STATE_RUNNING)
 	r2 := schedtest.WaitJobState(t, tm.jobs, j2.GetId(), pb.JobState_JOB_STATE_RUNNING)
 	a.Disconnect()

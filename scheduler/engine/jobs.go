@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
-	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/model"
@@ -177,29 +177,54 @@ func (e *Engine) startOn(le *leaseEntry, node string) {
 	}}})
 }
 
-// endJob moves a job to a terminal state, ends its active lease, and asks
-// every node of the lease to stop and clean up.
+// endJob moves a job to a terminal state and ends its active lease.
 func (e *Engine) endJob(j *model.Job, state model.JobState, reason string) {
-	now := e.cfg.Now()
-	j.State, j.Reason, j.EndTime = state, reason, now
-	change := store.Change{Job: j}
-	if le := e.leases[j.LeaseID]; le != nil && le.lease.Active {
-		l := le.lease
-		l.Active, l.EndTime, l.EndReason = false, now, state.String()+": "+reason
-		change.Lease = l
-		for _, ln := range l.Nodes {
-			n := e.nodes[ln.Node]
-			if n.lease == l.ID {
-				n.lease, n.cleaning = "", l.ID
-			}
-			e.command(ln.Node, &pb.ConnectResponse{Msg: &pb.ConnectResponse_ReleaseLease{ReleaseLease: &pb.ReleaseLease{
-				LeaseId: l.ID, Grace: durationpb.New(e.cfg.KillGrace), Reason: reason,
-			}}})
-		}
-	}
-	e.persist(change)
+	j.State, j.Reason, j.EndTime = state, reason, e.cfg.Now()
+	e.persist(store.Change{Job: j, Lease: e.endLease(j, state.String()+": "+reason)})
 	e.needCycle = true
 	e.log.Info("job ended", zap.String("job_id", j.ID), zap.String("state", state.String()), zap.String("reason", reason))
+}
+
+// endLease ends the job's active lease, if any, and asks every node of it
+// to stop and clean up. It returns the ended lease for the caller to
+// persist together with the job, or nil.
+func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
+	le := e.leases[j.LeaseID]
+	if le == nil || !le.lease.Active {
+		return nil
+	}
+	l := le.lease
+	l.Active, l.EndTime, l.EndReason = false, e.cfg.Now(), reason
+	for _, ln := range l.Nodes {
+		n := e.nodes[ln.Node]
+		if n.lease == l.ID {
+			n.lease, n.cleaning = "", l.ID
+		}
+		e.release(ln.Node, l.ID, reason)
+	}
+	return l
+}
+
+// nodeFailed handles losing one node of a job's lease through no fault of
+// the job (the node or its agent went away): the job is requeued under a
+// new lease while it has retries left, and FAILED otherwise.
+func (e *Engine) nodeFailed(j *model.Job, why string) {
+	if j.Retries >= j.Spec.MaxRetries {
+		if j.Spec.MaxRetries > 0 {
+			why += fmt.Sprintf(" (all %d retries used)", j.Spec.MaxRetries)
+		}
+		e.endJob(j, model.JobFailed, why)
+		return
+	}
+	j.Retries++
+	l := e.endLease(j, "requeued: "+why)
+	j.State = model.JobPending
+	j.Reason = fmt.Sprintf("requeued after %s (retry %d of %d)", why, j.Retries, j.Spec.MaxRetries)
+	j.ScheduleTime, j.StartTime, j.Exits = time.Time{}, time.Time{}, nil
+	e.queue.push(j) // keeps its place: the queue is ordered by submission
+	e.persist(store.Change{Job: j, Lease: l})
+	e.needCycle = true
+	e.log.Warn("job requeued", zap.String("job_id", j.ID), zap.String("reason", why), zap.Int("retry", j.Retries))
 }
 
 // nodeExited records one node's exit and ends the job when its outcome is known:
@@ -258,7 +283,7 @@ func (e *Engine) checkTimers() {
 		e.log.Warn("node lost", zap.String("node", id))
 		if n.lease != "" {
 			j := e.jobs[e.leases[n.lease].lease.JobID]
-			e.endJob(j, model.JobFailed, fmt.Sprintf("node %s lost: agent disconnected for %s", id, e.cfg.NodeLostAfter))
+			e.nodeFailed(j, fmt.Sprintf("node %s lost (agent gone for %s)", id, e.cfg.NodeLostAfter))
 		}
 		// A lost node cannot confirm cleanup; it is cleaned when it returns.
 	}

@@ -45,6 +45,8 @@ type JobSpec struct {
 	Command     []string
 	Env         map[string]string
 	TimeLimit   time.Duration // 0 means none
+	// MaxRetries is how often the job is requeued when it loses a node.
+	MaxRetries int
 }
 
 // NodeExit is how the command ended on one node of a lease.
@@ -76,6 +78,8 @@ type Job struct {
 	EndTime      time.Time
 	Exits        []NodeExit
 	Attempts     int
+	// Retries counts requeues after a lost node.
+	Retries int
 }
 
 // Clone returns a deep copy, so snapshots handed out of the scheduler's loop

@@ -20,7 +20,10 @@ const (
 	MaxTimeLimit    = 366 * 24 * time.Hour
 	MaxCommandBytes = 64 << 10
 	MaxEnvEntries   = 256
-	DefaultTenant   = "default"
+	MaxRetries      = 100
+	// DefaultMaxRetries applies when a job does not say.
+	DefaultMaxRetries = 1
+	DefaultTenant     = "default"
 )
 
 var (
@@ -67,6 +70,9 @@ func NormalizeJobSpec(s JobSpec) (JobSpec, error) {
 		v.add("spec.time_limit", fmt.Sprintf("must not be negative, got %s", s.TimeLimit))
 	} else if s.TimeLimit > MaxTimeLimit {
 		v.add("spec.time_limit", fmt.Sprintf("must be at most %s", MaxTimeLimit))
+	}
+	if s.MaxRetries < 0 || s.MaxRetries > MaxRetries {
+		v.add("spec.max_retries", fmt.Sprintf("must be between 0 and %d, got %d", MaxRetries, s.MaxRetries))
 	}
 	if len(s.Env) > MaxEnvEntries {
 		v.add("spec.env", fmt.Sprintf("must have at most %d entries", MaxEnvEntries))

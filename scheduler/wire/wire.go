@@ -3,6 +3,7 @@ package wire
 import (
 	"time"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -36,6 +37,7 @@ func JobSpecToProto(s model.JobSpec) *pb.JobSpec {
 		GpusPerNode: int32(s.GPUsPerNode),
 		Command:     s.Command,
 		Env:         s.Env,
+		MaxRetries:  proto.Int32(int32(s.MaxRetries)),
 	}
 	if s.TimeLimit > 0 {
 		out.TimeLimit = durationpb.New(s.TimeLimit)
@@ -57,6 +59,10 @@ func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
 		GPUsPerNode: int(s.GetGpusPerNode()),
 		Command:     s.GetCommand(),
 		Env:         s.GetEnv(),
+		MaxRetries:  model.DefaultMaxRetries,
+	}
+	if s.MaxRetries != nil {
+		out.MaxRetries = int(s.GetMaxRetries())
 	}
 	if d := s.GetTimeLimit(); d != nil {
 		if err := d.CheckValid(); err != nil {
@@ -82,6 +88,7 @@ func JobToProto(j *model.Job) *pb.Job {
 		StartTime:    ts(j.StartTime),
 		EndTime:      ts(j.EndTime),
 		Attempts:     int32(j.Attempts),
+		Retries:      int32(j.Retries),
 	}
 	for _, e := range j.Exits {
 		out.Exits = append(out.Exits, &pb.NodeExit{
@@ -107,6 +114,7 @@ func JobFromProto(p *pb.Job) *model.Job {
 		StartTime:    fromTS(p.GetStartTime()),
 		EndTime:      fromTS(p.GetEndTime()),
 		Attempts:     int(p.GetAttempts()),
+		Retries:      int(p.GetRetries()),
 	}
 	for _, e := range p.GetExits() {
 		j.Exits = append(j.Exits, model.NodeExit{

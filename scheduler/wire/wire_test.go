@@ -75,10 +75,12 @@ func TestJobSpecFromProto(t *testing.T) {
 		want model.JobSpec
 	}{
 		{"a nil spec is the zero spec", nil, model.JobSpec{}},
-		{"no time limit is zero", &pb.JobSpec{Nodes: 1}, model.JobSpec{Nodes: 1}},
-		{"a time limit converts to a duration", &pb.JobSpec{TimeLimit: durationpb.New(time.Hour)}, model.JobSpec{TimeLimit: time.Hour}},
+		{"no time limit is zero", &pb.JobSpec{Nodes: 1}, model.JobSpec{Nodes: 1, MaxRetries: model.DefaultMaxRetries}},
+		{"a time limit converts to a duration", &pb.JobSpec{TimeLimit: durationpb.New(time.Hour)}, model.JobSpec{TimeLimit: time.Hour, MaxRetries: model.DefaultMaxRetries}},
 		{"an invalid duration becomes negative so validation reports it",
-			&pb.JobSpec{TimeLimit: &durationpb.Duration{Seconds: 1, Nanos: -1}}, model.JobSpec{TimeLimit: -1}},
+			&pb.JobSpec{TimeLimit: &durationpb.Duration{Seconds: 1, Nanos: -1}}, model.JobSpec{TimeLimit: -1, MaxRetries: model.DefaultMaxRetries}},
+		{"unset max retries is the default", &pb.JobSpec{}, model.JobSpec{MaxRetries: model.DefaultMaxRetries}},
+		{"zero max retries stays zero", &pb.JobSpec{MaxRetries: proto.Int32(0)}, model.JobSpec{MaxRetries: 0}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
