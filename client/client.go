@@ -216,3 +216,14 @@ func (c *Client) Node(ctx context.Context, id string) (*pb.Node, error) {
 	})
 	return resp.GetNode(), err
 }
+
+// Status lists the scheduler replicas, which one leads and its fencing
+// token.
+func (c *Client) Status(ctx context.Context) (*pb.GetStatusResponse, error) {
+	var resp *pb.GetStatusResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewClusterServiceClient(conn).GetStatus(ctx, &pb.GetStatusRequest{})
+		return err
+	})
+	return resp, err
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
@@ -142,6 +143,8 @@ func (a *Agent) Run(ctx context.Context) error {
 const (
 	defaultHeartbeat = 2 * time.Second
 	minHeartbeat     = 100 * time.Millisecond
+	// missedHeartbeats silent intervals end a stream.
+	missedHeartbeats = 3
 )
 
 // session is one live stream to a scheduler.
@@ -238,10 +241,41 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 		}
 	}()
 	defer func() { cancel(); <-sendDone }()
+
+	// A leader that froze (SIGSTOP, a hung host) keeps the TCP connection
+	// open but sends nothing: after missedHeartbeats silent intervals the
+	// agent gives up on it and moves to the next replica.
+	var lastRecv atomic.Int64
+	lastRecv.Store(time.Now().UnixNano())
+	silentFor := atomic.Int64{}
+	silentFor.Store(int64(missedHeartbeats * defaultHeartbeat))
+	watchdogDone := make(chan struct{})
+	go func() {
+		defer close(watchdogDone)
+		tick := time.NewTicker(minHeartbeat)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if time.Since(time.Unix(0, lastRecv.Load())) > time.Duration(silentFor.Load()) {
+					a.log.Warn("scheduler silent; reconnecting", zap.String("server", server))
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	defer func() { cancel(); <-watchdogDone }()
 	for {
 		cmd, err := stream.Recv()
 		if err != nil {
 			return err
+		}
+		lastRecv.Store(time.Now().UnixNano())
+		if cmd.GetHeartbeat() != nil {
+			continue // proves the stream alive; commands nothing, so no token check
 		}
 		if err := a.checkToken(cmd.GetFencingToken()); err != nil {
 			a.log.Warn("refusing command", zap.Int64("token", cmd.GetFencingToken()), zap.Error(err))
@@ -255,6 +289,7 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 				case interval <- d.AsDuration():
 				default:
 				}
+				silentFor.Store(int64(missedHeartbeats * d.AsDuration()))
 			}
 		case *pb.ConnectResponse_StartLease:
 			a.startLease(m.StartLease)

@@ -135,10 +135,18 @@ func (f *fakeScheduler) connect(addr string, stream pb.AgentService_ConnectServe
 			f.mu.Unlock()
 		}
 	}()
+	// Heartbeat like the real scheduler, or the agent's watchdog would
+	// leave a stream that a test keeps idle.
+	heartbeat := time.NewTicker(500 * time.Millisecond)
+	defer heartbeat.Stop()
 	for {
 		select {
 		case c := <-fs.cmds:
 			if err := stream.Send(c); err != nil {
+				return err
+			}
+		case <-heartbeat.C:
+			if err := stream.Send(&pb.ConnectResponse{Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: &pb.Heartbeat{}}}); err != nil {
 				return err
 			}
 		case <-fs.hangup:

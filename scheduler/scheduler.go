@@ -24,8 +24,12 @@ type Config struct {
 	Etcd *clientv3.Client
 	// Prefix is the etcd key prefix for all records. Default "/gpusched".
 	Prefix string
-	// Name identifies this replica in the election (e.g. its address).
+	// Name identifies this replica in the election. Default: Address.
 	Name string
+	// Address is where clients and other replicas reach this replica's
+	// gRPC API (followers forward leader-only calls there). Default: the
+	// listener's address.
+	Address string
 	// SessionTTL is the etcd lease TTL behind leadership: how long a dead
 	// leader holds on before another replica takes over. Default 5s.
 	SessionTTL time.Duration
@@ -41,6 +45,8 @@ type Scheduler struct {
 	log     *zap.Logger
 	store   *store.Store
 	current atomic.Pointer[engine.Engine]
+	peers   peerConns
+	started time.Time
 }
 
 // New returns a replica; call Serve to run it.
@@ -54,8 +60,11 @@ func New(cfg Config) *Scheduler {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix)}
+	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now()}
 }
+
+// Name is the replica's name in the election.
+func (s *Scheduler) Name() string { return s.cfg.Name }
 
 // Leader returns the engine of the current term, if this replica leads and
 // has finished loading its state.
@@ -69,8 +78,15 @@ func (s *Scheduler) Leader() (*engine.Engine, error) {
 // Serve serves the gRPC API on lis and campaigns for leadership until ctx
 // ends; then it stops gracefully (in-flight RPCs finish, streams are cut).
 func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
+	if s.cfg.Address == "" {
+		s.cfg.Address = lis.Addr().String()
+	}
+	if s.cfg.Name == "" {
+		s.cfg.Name = s.cfg.Address
+	}
+	defer s.peers.close()
 	srv := grpc.NewServer(api.ServerOptions(s.log)...)
-	api.Register(srv, s.Leader)
+	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, Status: s.Status})
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	serveErr := make(chan error, 1)
@@ -122,8 +138,19 @@ func (s *Scheduler) term(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("scheduler: etcd session: %w", err)
 	}
-	defer sess.Close()
-	el := concurrency.NewElection(sess, s.cfg.Prefix+"/leader")
+	defer func() {
+		// sess.Close revokes with the session's context, which is already
+		// done on shutdown: revoke here so our election key and replica
+		// record vanish at once instead of after the TTL.
+		rctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, _ = s.cfg.Etcd.Revoke(rctx, sess.Lease())
+		_ = sess.Close()
+	}()
+	if err := s.register(ctx, sess); err != nil {
+		return err
+	}
+	el := concurrency.NewElection(sess, s.leaderPrefix())
 	if err := el.Campaign(ctx, s.cfg.Name); err != nil {
 		return fmt.Errorf("scheduler: campaign: %w", err)
 	}

@@ -607,17 +607,40 @@ func TestALeaseThatEndedWhileItsAgentWasAwayIsReleasedAfterARestart(t *testing.T
 func TestAStandbyReplicaTakesOverWhenTheLeaderStops(t *testing.T) {
 	c := cluster(t, 2, schedtest.AgentConfig{}, engine.Config{})
 	standby := schedtest.StartReplica(t, scheduler.Config{Etcd: c.Etcd.Client, Name: "replica-2", Engine: engine.Config{KillGrace: killGrace}})
-	_, err := standby.Jobs.SubmitJob(schedtest.Context(t), &pb.SubmitJobRequest{Spec: schedtest.Spec(1)})
-	if status.Code(err) != codes.Unavailable {
-		t.Fatalf("SubmitJob on the standby = %v; want Unavailable", err)
+	ctx := schedtest.Context(t)
+	cluster := pb.NewClusterServiceClient(standby.Conn)
+	schedtest.Eventually(t, "both replicas in the status, the first leading", func() (bool, string) {
+		st, err := cluster.GetStatus(ctx, &pb.GetStatusRequest{})
+		if err != nil {
+			return false, err.Error()
+		}
+		return len(st.GetReplicas()) == 2 && st.GetLeader() == c.Replica.Sched.Name() && st.GetFencingToken() == c.Token &&
+			st.GetReplicas()[0].GetLeader() != st.GetReplicas()[1].GetLeader() && st.GetAnsweredBy() == "replica-2", st.String()
+	})
+	// The standby forwards leader-only work: the job lands on the leader.
+	j := schedtest.Submit(t, standby.Jobs, schedtest.Spec(2))
+	running := schedtest.WaitJobState(t, standby.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	if got := schedtest.GetJob(t, c.Replica.Jobs, j.GetId()); got.GetState() != pb.JobState_JOB_STATE_RUNNING {
+		t.Fatalf("the leader does not know the job submitted through the standby: %s", schedtest.DescribeJob(got))
 	}
-	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(2))
-	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	// An agent must not be served by a follower: its stream belongs on the leader.
+	stream, err := pb.NewAgentServiceClient(standby.Conn).Connect(ctx)
+	if err == nil {
+		_ = stream.Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{NodeId: "x"}}})
+		_, err = stream.Recv()
+	}
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("agent Connect on the standby = %v; want Unavailable", err)
+	}
 
 	c.Replica.Stop(t)
 	token2 := standby.WaitLeader(t)
 	if token2 <= c.Token {
 		t.Errorf("the standby's token %d is not above the old leader's %d", token2, c.Token)
+	}
+	st, err := cluster.GetStatus(ctx, &pb.GetStatusRequest{})
+	if err != nil || st.GetLeader() != "replica-2" || st.GetFencingToken() != token2 || len(st.GetReplicas()) != 1 {
+		t.Errorf("status after failover = %v, %v; want replica-2 alone, leading with token %d", st, err, token2)
 	}
 	for _, a := range c.Agents {
 		a.Reconnect(standby.Addr)

@@ -164,8 +164,8 @@ election revision.`,
 			if err != nil {
 				return fmt.Errorf("listen: %w", err)
 			}
-			if cfg.Name == "" {
-				cfg.Name = lis.Addr().String()
+			if cfg.Address == "" {
+				cfg.Address = lis.Addr().String()
 			}
 			cfg.Etcd, cfg.Logger = cli, log
 			log.Info("scheduler serving", zap.String("listen", lis.Addr().String()), zap.Strings("etcd", eps))
@@ -175,7 +175,8 @@ election revision.`,
 	f := cmd.Flags()
 	f.StringVar(&endpoints, "etcd-endpoints", "", "etcd client URLs, comma-separated (required)")
 	f.StringVar(&listen, "listen", "127.0.0.1:7070", "gRPC listen address")
-	f.StringVar(&cfg.Name, "name", "", "replica name in the election (default: the listen address)")
+	f.StringVar(&cfg.Name, "name", "", "replica name in the election (default: the advertised address)")
+	f.StringVar(&cfg.Address, "advertise-addr", "", "address clients and other replicas use to reach this one (default: the listen address)")
 	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", 5*time.Second, "leader session TTL: how fast a dead leader is replaced")
 	engineFlags(cmd, &cfg.Engine)

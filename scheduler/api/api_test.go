@@ -2,7 +2,6 @@ package api_test
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -11,6 +10,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -195,28 +195,51 @@ func TestErrorsReachClientsAsStatusCodes(t *testing.T) {
 	}
 }
 
-func TestAReplicaThatDoesNotLeadIsUnavailable(t *testing.T) {
+func TestAStandbyForwardsLeaderOnlyCallsToTheLeader(t *testing.T) {
 	c := schedtest.StartCluster(t, schedtest.ClusterConfig{Scheduler: scheduler.Config{Name: "leader"}})
 	standby := schedtest.StartReplica(t, scheduler.Config{Etcd: c.Etcd.Client, Name: "standby"})
 	cases := []struct {
 		name string
 		call call
+		code codes.Code
+		msg  string
 	}{
-		{"SubmitJob", submit(spec(1))},
-		{"GetJob", getJob("1")},
-		{"ListJobs", listJobs(&pb.ListJobsRequest{})},
-		{"CancelJob", cancelJob("1")},
-		{"GetJobLogs", jobLogs("1")},
-		{"GetNode", getNode("n1")},
-		{"ListNodes", listNodes(&pb.ListNodesRequest{})},
-		{"Connect", connect(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{NodeId: "n1"}}})},
+		{"SubmitJob is accepted by the leader", submit(spec(1)), codes.OK, ""},
+		{"GetJob answers from the leader", getJob("1"), codes.OK, ""},
+		{"GetJob of an unknown job is the leader's NotFound", getJob("99"), codes.NotFound, "job 99 not found"},
+		{"ListJobs answers from the leader", listJobs(&pb.ListJobsRequest{}), codes.OK, ""},
+		{"CancelJob reaches the leader", cancelJob("1"), codes.OK, ""},
+		{"GetJobLogs is relayed from the leader", jobLogs("1"), codes.OK, ""},
+		{"GetNode answers from the leader", getNode("n1"), codes.NotFound, "node n1 not found"},
+		{"ListNodes answers from the leader", listNodes(&pb.ListNodesRequest{}), codes.OK, ""},
+		{"an agent's Connect is refused: its stream belongs on the leader",
+			connect(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{NodeId: "n1"}}}),
+			codes.Unavailable, "standby: scheduler: not leader"},
 	}
 	for _, tc := range cases {
-		t.Run(fmt.Sprintf("%s on a standby is unavailable", tc.name), func(t *testing.T) {
+		t.Run(tc.name, func(t *testing.T) {
 			err := tc.call(schedtest.Context(t), standby.Conn)
-			checkStatus(t, err, codes.Unavailable, "standby: scheduler: not leader", nil)
+			if tc.code == codes.OK {
+				if err != nil {
+					t.Fatalf("got %v; want success", err)
+				}
+				return
+			}
+			checkStatus(t, err, tc.code, tc.msg, nil)
 		})
 	}
+	if j := schedtest.GetJob(t, c.Replica.Jobs, "1"); j.GetState() != pb.JobState_JOB_STATE_CANCELLED {
+		t.Errorf("the leader's job 1 is %s; want CANCELLED through the standby", j.GetState())
+	}
+}
+
+func TestAForwardedCallIsNeverForwardedAgain(t *testing.T) {
+	c := schedtest.StartCluster(t, schedtest.ClusterConfig{Scheduler: scheduler.Config{Name: "leader"}})
+	standby := schedtest.StartReplica(t, scheduler.Config{Etcd: c.Etcd.Client, Name: "standby"})
+	// As if another replica had forwarded the call here already.
+	ctx := metadata.AppendToOutgoingContext(schedtest.Context(t), "gpusched-forwarded", "1")
+	err := getJob("1")(ctx, standby.Conn)
+	checkStatus(t, err, codes.Unavailable, "standby: scheduler: not leader; cannot forward to the leader: already forwarded once", nil)
 }
 
 func TestListingThroughTheAPI(t *testing.T) {

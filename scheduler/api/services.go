@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/engine"
@@ -14,20 +15,65 @@ import (
 	"github.com/gpusched/gpusched/scheduler/wire"
 )
 
-// LeaderFunc returns the engine of the current leadership term, or an error
-// wrapping model.ErrNotLeader when this replica does not lead.
-type LeaderFunc func() (*engine.Engine, error)
+// Backend is what the services need from the replica they run in.
+type Backend struct {
+	// Leader returns the engine of the current term, or an error wrapping
+	// model.ErrNotLeader when this replica does not lead. Required.
+	Leader func() (*engine.Engine, error)
+	// LeaderConn returns a connection to the replica that leads, so a
+	// follower can forward leader-only work. Nil: followers answer
+	// Unavailable and clients fail over by themselves.
+	LeaderConn func(ctx context.Context) (*grpc.ClientConn, error)
+	// Status reports the replicas and the leader (ClusterService). Nil:
+	// the service is not registered.
+	Status func(ctx context.Context) (*pb.GetStatusResponse, error)
+}
 
 // Register adds every public service to srv.
-func Register(srv *grpc.Server, leader LeaderFunc) {
-	pb.RegisterJobServiceServer(srv, &jobServer{leader: leader})
-	pb.RegisterNodeServiceServer(srv, &nodeServer{leader: leader})
-	pb.RegisterAgentServiceServer(srv, &agentServer{leader: leader})
+func Register(srv *grpc.Server, b Backend) {
+	pb.RegisterJobServiceServer(srv, &jobServer{b: b})
+	pb.RegisterNodeServiceServer(srv, &nodeServer{b: b})
+	pb.RegisterAgentServiceServer(srv, &agentServer{b: b})
+	if b.Status != nil {
+		pb.RegisterClusterServiceServer(srv, &clusterServer{b: b})
+	}
+}
+
+// forwardedKey marks a call a follower forwarded, so it is never forwarded
+// twice (two replicas that each think the other leads must not ping-pong).
+const forwardedKey = "gpusched-forwarded"
+
+// call runs a leader-only RPC: on the engine when this replica leads, else
+// forwarded to the leader, whose answer (or status error) is returned as is.
+func call[R any](ctx context.Context, b Backend, local func(*engine.Engine) (R, error), remote func(context.Context, *grpc.ClientConn) (R, error)) (R, error) {
+	eng, err := b.Leader()
+	if err == nil {
+		r, err := local(eng)
+		return r, toStatus(err)
+	}
+	var zero R
+	conn, ferr := leaderConn(ctx, b)
+	if ferr != nil {
+		return zero, toStatus(fmt.Errorf("%w; cannot forward to the leader: %v", err, ferr))
+	}
+	return remote(metadata.AppendToOutgoingContext(ctx, forwardedKey, "1"), conn)
+}
+
+// leaderConn returns a connection to the leader if this call may be
+// forwarded, or why not.
+func leaderConn(ctx context.Context, b Backend) (*grpc.ClientConn, error) {
+	if b.LeaderConn == nil {
+		return nil, errors.New("forwarding disabled")
+	}
+	if md, ok := metadata.FromIncomingContext(ctx); ok && len(md.Get(forwardedKey)) > 0 {
+		return nil, errors.New("already forwarded once")
+	}
+	return b.LeaderConn(ctx)
 }
 
 type jobServer struct {
 	pb.UnimplementedJobServiceServer
-	leader LeaderFunc
+	b Backend
 }
 
 var _ pb.JobServiceServer = (*jobServer)(nil)
@@ -36,30 +82,30 @@ func (s *jobServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest) (*p
 	if req.GetSpec() == nil {
 		return nil, toStatus(&model.ValidationError{Violations: []model.FieldViolation{{Field: "spec", Description: "is required"}}})
 	}
-	eng, err := s.leader()
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	j, err := eng.Submit(ctx, wire.JobSpecFromProto(req.GetSpec()))
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &pb.SubmitJobResponse{Job: wire.JobToProto(j)}, nil
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.SubmitJobResponse, error) {
+		j, err := eng.Submit(ctx, wire.JobSpecFromProto(req.GetSpec()))
+		if err != nil {
+			return nil, err
+		}
+		return &pb.SubmitJobResponse{Job: wire.JobToProto(j)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.SubmitJobResponse, error) {
+		return pb.NewJobServiceClient(conn).SubmitJob(ctx, req)
+	})
 }
 
-func (s *jobServer) GetJob(_ context.Context, req *pb.GetJobRequest) (*pb.GetJobResponse, error) {
-	eng, err := s.leader()
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	j, err := eng.GetJob(req.GetId())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &pb.GetJobResponse{Job: wire.JobToProto(j)}, nil
+func (s *jobServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.GetJobResponse, error) {
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.GetJobResponse, error) {
+		j, err := eng.GetJob(req.GetId())
+		if err != nil {
+			return nil, err
+		}
+		return &pb.GetJobResponse{Job: wire.JobToProto(j)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.GetJobResponse, error) {
+		return pb.NewJobServiceClient(conn).GetJob(ctx, req)
+	})
 }
 
-func (s *jobServer) ListJobs(_ context.Context, req *pb.ListJobsRequest) (*pb.ListJobsResponse, error) {
+func (s *jobServer) ListJobs(ctx context.Context, req *pb.ListJobsRequest) (*pb.ListJobsResponse, error) {
 	f := engine.JobFilter{PageSize: int(req.GetPageSize()), PageToken: req.GetPageToken()}
 	for i, st := range req.GetStates() {
 		if _, ok := pb.JobState_name[int32(st)]; !ok || st == pb.JobState_JOB_STATE_UNSPECIFIED {
@@ -67,52 +113,68 @@ func (s *jobServer) ListJobs(_ context.Context, req *pb.ListJobsRequest) (*pb.Li
 		}
 		f.States = append(f.States, model.JobState(st))
 	}
-	eng, err := s.leader()
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	jobs, next, err := eng.ListJobs(f)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	resp := &pb.ListJobsResponse{NextPageToken: next, Jobs: make([]*pb.Job, len(jobs))}
-	for i, j := range jobs {
-		resp.Jobs[i] = wire.JobToProto(j)
-	}
-	return resp, nil
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.ListJobsResponse, error) {
+		jobs, next, err := eng.ListJobs(f)
+		if err != nil {
+			return nil, err
+		}
+		resp := &pb.ListJobsResponse{NextPageToken: next, Jobs: make([]*pb.Job, len(jobs))}
+		for i, j := range jobs {
+			resp.Jobs[i] = wire.JobToProto(j)
+		}
+		return resp, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.ListJobsResponse, error) {
+		return pb.NewJobServiceClient(conn).ListJobs(ctx, req)
+	})
 }
 
 func (s *jobServer) CancelJob(ctx context.Context, req *pb.CancelJobRequest) (*pb.CancelJobResponse, error) {
-	eng, err := s.leader()
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	j, err := eng.Cancel(ctx, req.GetId(), req.GetReason())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &pb.CancelJobResponse{Job: wire.JobToProto(j)}, nil
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.CancelJobResponse, error) {
+		j, err := eng.Cancel(ctx, req.GetId(), req.GetReason())
+		if err != nil {
+			return nil, err
+		}
+		return &pb.CancelJobResponse{Job: wire.JobToProto(j)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.CancelJobResponse, error) {
+		return pb.NewJobServiceClient(conn).CancelJob(ctx, req)
+	})
 }
 
 func (s *jobServer) GetJobLogs(req *pb.GetJobLogsRequest, stream grpc.ServerStreamingServer[pb.GetJobLogsResponse]) error {
-	eng, err := s.leader()
-	if err != nil {
-		return toStatus(err)
-	}
-	err = eng.JobLogs(stream.Context(), req.GetId(), func(node string, rank int, data []byte) error {
-		return stream.Send(&pb.GetJobLogsResponse{Node: node, Rank: int32(rank), Data: data})
+	ctx := stream.Context()
+	_, err := call(ctx, s.b, func(eng *engine.Engine) (struct{}, error) {
+		return struct{}{}, eng.JobLogs(ctx, req.GetId(), func(node string, rank int, data []byte) error {
+			return stream.Send(&pb.GetJobLogsResponse{Node: node, Rank: int32(rank), Data: data})
+		})
+	}, func(ctx context.Context, conn *grpc.ClientConn) (struct{}, error) {
+		up, err := pb.NewJobServiceClient(conn).GetJobLogs(ctx, req)
+		if err != nil {
+			return struct{}{}, err
+		}
+		for {
+			chunk, err := up.Recv()
+			if errors.Is(err, io.EOF) {
+				return struct{}{}, nil
+			}
+			if err != nil {
+				return struct{}{}, err
+			}
+			if err := stream.Send(chunk); err != nil {
+				return struct{}{}, err
+			}
+		}
 	})
-	return toStatus(err)
+	return err
 }
 
 type nodeServer struct {
 	pb.UnimplementedNodeServiceServer
-	leader LeaderFunc
+	b Backend
 }
 
 var _ pb.NodeServiceServer = (*nodeServer)(nil)
 
-func (s *nodeServer) ListNodes(_ context.Context, req *pb.ListNodesRequest) (*pb.ListNodesResponse, error) {
+func (s *nodeServer) ListNodes(ctx context.Context, req *pb.ListNodesRequest) (*pb.ListNodesResponse, error) {
 	var states []model.NodeState
 	for i, st := range req.GetStates() {
 		if _, ok := pb.NodeState_name[int32(st)]; !ok || st == pb.NodeState_NODE_STATE_UNSPECIFIED {
@@ -120,39 +182,42 @@ func (s *nodeServer) ListNodes(_ context.Context, req *pb.ListNodesRequest) (*pb
 		}
 		states = append(states, model.NodeState(st))
 	}
-	eng, err := s.leader()
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	nodes := eng.ListNodes(states)
-	resp := &pb.ListNodesResponse{Nodes: make([]*pb.Node, len(nodes))}
-	for i, n := range nodes {
-		resp.Nodes[i] = wire.NodeToProto(n)
-	}
-	return resp, nil
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.ListNodesResponse, error) {
+		nodes := eng.ListNodes(states)
+		resp := &pb.ListNodesResponse{Nodes: make([]*pb.Node, len(nodes))}
+		for i, n := range nodes {
+			resp.Nodes[i] = wire.NodeToProto(n)
+		}
+		return resp, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.ListNodesResponse, error) {
+		return pb.NewNodeServiceClient(conn).ListNodes(ctx, req)
+	})
 }
 
-func (s *nodeServer) GetNode(_ context.Context, req *pb.GetNodeRequest) (*pb.GetNodeResponse, error) {
-	eng, err := s.leader()
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	n, err := eng.GetNode(req.GetId())
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	return &pb.GetNodeResponse{Node: wire.NodeToProto(n)}, nil
+func (s *nodeServer) GetNode(ctx context.Context, req *pb.GetNodeRequest) (*pb.GetNodeResponse, error) {
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.GetNodeResponse, error) {
+		n, err := eng.GetNode(req.GetId())
+		if err != nil {
+			return nil, err
+		}
+		return &pb.GetNodeResponse{Node: wire.NodeToProto(n)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.GetNodeResponse, error) {
+		return pb.NewNodeServiceClient(conn).GetNode(ctx, req)
+	})
 }
 
+// agentServer does not forward: an agent's stream belongs on the leader,
+// so a follower answers Unavailable and the agent moves to the next
+// endpoint it knows.
 type agentServer struct {
 	pb.UnimplementedAgentServiceServer
-	leader LeaderFunc
+	b Backend
 }
 
 var _ pb.AgentServiceServer = (*agentServer)(nil)
 
 func (s *agentServer) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
-	eng, err := s.leader()
+	eng, err := s.b.Leader()
 	if err != nil {
 		return toStatus(err)
 	}
@@ -161,6 +226,19 @@ func (s *agentServer) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest,
 		return nil
 	}
 	return toStatus(err)
+}
+
+// clusterServer answers from etcd on any replica: no forwarding needed.
+type clusterServer struct {
+	pb.UnimplementedClusterServiceServer
+	b Backend
+}
+
+var _ pb.ClusterServiceServer = (*clusterServer)(nil)
+
+func (s *clusterServer) GetStatus(ctx context.Context, _ *pb.GetStatusRequest) (*pb.GetStatusResponse, error) {
+	resp, err := s.b.Status(ctx)
+	return resp, toStatus(err)
 }
 
 func fieldIndex(field string, i int) string {

@@ -73,17 +73,22 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 
 	sendErr := make(chan error, 1)
 	go func() {
+		heartbeat := time.NewTicker(e.cfg.HeartbeatInterval)
+		defer heartbeat.Stop()
 		for {
+			var m *pb.ConnectResponse
 			select {
 			case <-ctx.Done():
 				sendErr <- ctx.Err()
 				return
-			case m := <-c.out:
-				if err := stream.Send(m); err != nil {
-					sendErr <- err
-					cancel()
-					return
-				}
+			case m = <-c.out:
+			case <-heartbeat.C:
+				m = &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: &pb.Heartbeat{}}}
+			}
+			if err := stream.Send(m); err != nil {
+				sendErr <- err
+				cancel()
+				return
 			}
 		}
 	}()

@@ -92,7 +92,7 @@ func startTerm(t *testing.T, cli *clientv3.Client, cfg engine.Config) *term {
 		t.Fatal(err)
 	}
 	srv := grpc.NewServer(api.ServerOptions(zap.NewNop())...)
-	api.Register(srv, func() (*engine.Engine, error) { return tm.eng, nil })
+	api.Register(srv, api.Backend{Leader: func() (*engine.Engine, error) { return tm.eng, nil }})
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(func() {
 		tm.stop(t)

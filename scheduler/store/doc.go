@@ -8,6 +8,9 @@
 //	<prefix>/nodes/<node id>           gpusched.v1.Node (inventory, labels, operator state)
 //	<prefix>/leases/<20-digit seq>.<n> gpusched.v1.Lease
 //	<prefix>/meta/job_seq              last job sequence number handed out (decimal)
+//	<prefix>/meta/writer               fencing token of the leader that wrote last;
+//	                                   put by every transaction, so etcd's history
+//	                                   attributes each revision to one leader
 //
 // Every write is fenced: Commit packs changes into etcd transactions of at
 // most MaxOpsPerTxn operations, each guarded by

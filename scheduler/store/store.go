@@ -66,9 +66,13 @@ func New(cli *clientv3.Client, prefix string) *Store {
 	return &Store{cli: cli, prefix: strings.TrimSuffix(prefix, "/")}
 }
 
-func (s *Store) jobKey(seq uint64) string  { return fmt.Sprintf("%s/jobs/%020d", s.prefix, seq) }
-func (s *Store) nodeKey(id string) string  { return s.prefix + "/nodes/" + id }
-func (s *Store) seqKey() string            { return s.prefix + "/meta/job_seq" }
+func (s *Store) jobKey(seq uint64) string { return fmt.Sprintf("%s/jobs/%020d", s.prefix, seq) }
+func (s *Store) nodeKey(id string) string { return s.prefix + "/nodes/" + id }
+func (s *Store) seqKey() string           { return s.prefix + "/meta/job_seq" }
+
+// WriterKey holds the fencing token of the leader that wrote last; every
+// transaction puts it.
+func (s *Store) WriterKey() string         { return s.prefix + "/meta/writer" }
 func (s *Store) leaseKey(id string) string { return s.prefix + "/leases/" + padLeaseID(id) }
 func (s *Store) leasePrefix() string       { return s.prefix + "/leases/" }
 func (s *Store) jobPrefix() string         { return s.prefix + "/jobs/" }
@@ -176,7 +180,14 @@ func (s *Store) scan(ctx context.Context, prefix string, rev int64, fn func(key 
 // if the fence no longer holds. On any error the caller must assume an
 // unknown prefix of the transactions committed and rebuild from etcd.
 func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSeq uint64) error {
-	b := batch{keys: map[string]bool{}}
+	// Every transaction also records its writer's token, so etcd's history
+	// shows which leader made each revision (see internal/invariants).
+	newBatch := func() batch {
+		b := batch{keys: map[string]bool{}}
+		b.put(s.WriterKey(), strconv.FormatInt(fence.Revision, 10))
+		return b
+	}
+	b := newBatch()
 	if jobSeq > 0 {
 		b.put(s.seqKey(), strconv.FormatUint(jobSeq, 10))
 	}
@@ -185,17 +196,16 @@ func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSe
 			if err := s.txn(ctx, fence, b.ops); err != nil {
 				return err
 			}
-			b = batch{keys: map[string]bool{}}
+			b = newBatch()
 		}
 		if err := s.appendOps(&b, c); err != nil {
 			return err
 		}
 	}
-	ops := b.ops
-	if len(ops) == 0 {
+	if len(b.ops) == 1 { // only the writer record: nothing changed
 		return nil
 	}
-	return s.txn(ctx, fence, ops)
+	return s.txn(ctx, fence, b.ops)
 }
 
 // batch is the ops of one transaction. etcd rejects a key put twice in one

@@ -181,6 +181,7 @@ type ConnectResponse struct {
 	//	*ConnectResponse_StartLease
 	//	*ConnectResponse_ReleaseLease
 	//	*ConnectResponse_FetchLogs
+	//	*ConnectResponse_Heartbeat
 	Msg           isConnectResponse_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -266,6 +267,15 @@ func (x *ConnectResponse) GetFetchLogs() *FetchLogs {
 	return nil
 }
 
+func (x *ConnectResponse) GetHeartbeat() *Heartbeat {
+	if x != nil {
+		if x, ok := x.Msg.(*ConnectResponse_Heartbeat); ok {
+			return x.Heartbeat
+		}
+	}
+	return nil
+}
+
 type isConnectResponse_Msg interface {
 	isConnectResponse_Msg()
 }
@@ -286,6 +296,12 @@ type ConnectResponse_FetchLogs struct {
 	FetchLogs *FetchLogs `protobuf:"bytes,5,opt,name=fetch_logs,json=fetchLogs,proto3,oneof"`
 }
 
+type ConnectResponse_Heartbeat struct {
+	// Sent every heartbeat interval, so an agent notices a leader that
+	// froze (or whose host vanished) and moves to another replica.
+	Heartbeat *Heartbeat `protobuf:"bytes,6,opt,name=heartbeat,proto3,oneof"`
+}
+
 func (*ConnectResponse_Welcome) isConnectResponse_Msg() {}
 
 func (*ConnectResponse_StartLease) isConnectResponse_Msg() {}
@@ -293,6 +309,8 @@ func (*ConnectResponse_StartLease) isConnectResponse_Msg() {}
 func (*ConnectResponse_ReleaseLease) isConnectResponse_Msg() {}
 
 func (*ConnectResponse_FetchLogs) isConnectResponse_Msg() {}
+
+func (*ConnectResponse_Heartbeat) isConnectResponse_Msg() {}
 
 // AgentHello registers the node and tells what it is still running.
 type AgentHello struct {
@@ -454,7 +472,7 @@ func (x *HeldLease) GetExit() *LeaseExited {
 	return nil
 }
 
-// Heartbeat keeps the stream known to be alive.
+// Heartbeat keeps the stream known to be alive, in both directions.
 type Heartbeat struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1012,7 +1030,7 @@ const file_gpusched_v1_agent_service_proto_rawDesc = "" +
 	"\flease_exited\x18\x04 \x01(\v2\x18.gpusched.v1.LeaseExitedH\x00R\vleaseExited\x12C\n" +
 	"\x0elease_released\x18\x05 \x01(\v2\x1a.gpusched.v1.LeaseReleasedH\x00R\rleaseReleased\x124\n" +
 	"\tlog_chunk\x18\x06 \x01(\v2\x15.gpusched.v1.LogChunkH\x00R\blogChunkB\x05\n" +
-	"\x03msg\"\xa6\x02\n" +
+	"\x03msg\"\xde\x02\n" +
 	"\x0fConnectResponse\x12#\n" +
 	"\rfencing_token\x18\x01 \x01(\x03R\ffencingToken\x120\n" +
 	"\awelcome\x18\x02 \x01(\v2\x14.gpusched.v1.WelcomeH\x00R\awelcome\x12:\n" +
@@ -1020,7 +1038,8 @@ const file_gpusched_v1_agent_service_proto_rawDesc = "" +
 	"startLease\x12@\n" +
 	"\rrelease_lease\x18\x04 \x01(\v2\x19.gpusched.v1.ReleaseLeaseH\x00R\freleaseLease\x127\n" +
 	"\n" +
-	"fetch_logs\x18\x05 \x01(\v2\x16.gpusched.v1.FetchLogsH\x00R\tfetchLogsB\x05\n" +
+	"fetch_logs\x18\x05 \x01(\v2\x16.gpusched.v1.FetchLogsH\x00R\tfetchLogs\x126\n" +
+	"\theartbeat\x18\x06 \x01(\v2\x16.gpusched.v1.HeartbeatH\x00R\theartbeatB\x05\n" +
 	"\x03msg\"\xc9\x02\n" +
 	"\n" +
 	"AgentHello\x12\x17\n" +
@@ -1127,20 +1146,21 @@ var file_gpusched_v1_agent_service_proto_depIdxs = []int32{
 	10, // 7: gpusched.v1.ConnectResponse.start_lease:type_name -> gpusched.v1.StartLease
 	11, // 8: gpusched.v1.ConnectResponse.release_lease:type_name -> gpusched.v1.ReleaseLease
 	12, // 9: gpusched.v1.ConnectResponse.fetch_logs:type_name -> gpusched.v1.FetchLogs
-	15, // 10: gpusched.v1.AgentHello.inventory:type_name -> gpusched.v1.Inventory
-	13, // 11: gpusched.v1.AgentHello.labels:type_name -> gpusched.v1.AgentHello.LabelsEntry
-	3,  // 12: gpusched.v1.AgentHello.leases:type_name -> gpusched.v1.HeldLease
-	6,  // 13: gpusched.v1.HeldLease.exit:type_name -> gpusched.v1.LeaseExited
-	16, // 14: gpusched.v1.Welcome.heartbeat_interval:type_name -> google.protobuf.Duration
-	14, // 15: gpusched.v1.StartLease.env:type_name -> gpusched.v1.StartLease.EnvEntry
-	16, // 16: gpusched.v1.ReleaseLease.grace:type_name -> google.protobuf.Duration
-	0,  // 17: gpusched.v1.AgentService.Connect:input_type -> gpusched.v1.ConnectRequest
-	1,  // 18: gpusched.v1.AgentService.Connect:output_type -> gpusched.v1.ConnectResponse
-	18, // [18:19] is the sub-list for method output_type
-	17, // [17:18] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	4,  // 10: gpusched.v1.ConnectResponse.heartbeat:type_name -> gpusched.v1.Heartbeat
+	15, // 11: gpusched.v1.AgentHello.inventory:type_name -> gpusched.v1.Inventory
+	13, // 12: gpusched.v1.AgentHello.labels:type_name -> gpusched.v1.AgentHello.LabelsEntry
+	3,  // 13: gpusched.v1.AgentHello.leases:type_name -> gpusched.v1.HeldLease
+	6,  // 14: gpusched.v1.HeldLease.exit:type_name -> gpusched.v1.LeaseExited
+	16, // 15: gpusched.v1.Welcome.heartbeat_interval:type_name -> google.protobuf.Duration
+	14, // 16: gpusched.v1.StartLease.env:type_name -> gpusched.v1.StartLease.EnvEntry
+	16, // 17: gpusched.v1.ReleaseLease.grace:type_name -> google.protobuf.Duration
+	0,  // 18: gpusched.v1.AgentService.Connect:input_type -> gpusched.v1.ConnectRequest
+	1,  // 19: gpusched.v1.AgentService.Connect:output_type -> gpusched.v1.ConnectResponse
+	19, // [19:20] is the sub-list for method output_type
+	18, // [18:19] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_agent_service_proto_init() }
@@ -1162,6 +1182,7 @@ func file_gpusched_v1_agent_service_proto_init() {
 		(*ConnectResponse_StartLease)(nil),
 		(*ConnectResponse_ReleaseLease)(nil),
 		(*ConnectResponse_FetchLogs)(nil),
+		(*ConnectResponse_Heartbeat)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
