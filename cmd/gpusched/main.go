@@ -87,7 +87,7 @@ replicas).`,
 	root.AddCommand(
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
 		newEtcdCmd(),
-		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(),
+		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(), newCheckCmd(),
 	)
 	return root
 }
