@@ -24,6 +24,9 @@ type Config struct {
 	// CallTimeout bounds each unary call that has no deadline of its own.
 	// Default 30s.
 	CallTimeout time.Duration
+	// AttemptTimeout bounds one try at one endpoint when there are several,
+	// so a replica that froze is left for the next. Default 5s.
+	AttemptTimeout time.Duration
 	// DialOptions are added to every connection (TLS arrives here later).
 	DialOptions []grpc.DialOption
 }
@@ -52,6 +55,9 @@ func New(_ context.Context, cfg Config) (*Client, error) {
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = 30 * time.Second
 	}
+	if cfg.AttemptTimeout <= 0 {
+		cfg.AttemptTimeout = 5 * time.Second
+	}
 	c := &Client{cfg: cfg, conns: make([]*grpc.ClientConn, len(eps))}
 	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, cfg.DialOptions...)
 	for i, ep := range eps {
@@ -76,9 +82,21 @@ func (c *Client) Close() error {
 	return errors.Join(errs...)
 }
 
-// call runs fn against the current endpoint, moving on to the next one
-// when it is unavailable, until every endpoint was tried.
+// call runs a unary fn against the current endpoint, moving on to the next
+// one when it is unavailable or does not answer within AttemptTimeout (a
+// frozen replica keeps its connection open but never replies), until every
+// endpoint was tried.
 func (c *Client) call(ctx context.Context, fn func(ctx context.Context, conn *grpc.ClientConn) error) error {
+	return c.invoke(ctx, c.cfg.AttemptTimeout, fn)
+}
+
+// stream is call for streaming RPCs: no attempt timeout, since a stream
+// may rightly last long.
+func (c *Client) stream(ctx context.Context, fn func(ctx context.Context, conn *grpc.ClientConn) error) error {
+	return c.invoke(ctx, 0, fn)
+}
+
+func (c *Client) invoke(ctx context.Context, attempt time.Duration, fn func(ctx context.Context, conn *grpc.ClientConn) error) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.cfg.CallTimeout)
@@ -90,15 +108,25 @@ func (c *Client) call(ctx context.Context, fn func(ctx context.Context, conn *gr
 	var err error
 	for i := range c.conns {
 		idx := (start + i) % len(c.conns)
-		err = fromStatus(fn(ctx, c.conns[idx]))
+		actx, cancel := ctx, context.CancelFunc(func() {})
+		if attempt > 0 && len(c.conns) > 1 {
+			actx, cancel = context.WithTimeout(ctx, attempt)
+		}
+		err = fromStatus(fn(actx, c.conns[idx]))
+		cancel()
+		if err == nil {
+			c.mu.Lock()
+			c.cur = idx
+			c.mu.Unlock()
+			return nil
+		}
 		var e *Error
-		if !errors.As(err, &e) || e.Code != codes.Unavailable || ctx.Err() != nil {
-			if err == nil {
-				c.mu.Lock()
-				c.cur = idx
-				c.mu.Unlock()
-			}
+		retry := errors.As(err, &e) && (e.Code == codes.Unavailable || e.Code == codes.DeadlineExceeded)
+		if !retry || ctx.Err() != nil {
 			return err
+		}
+		if e.Code == codes.DeadlineExceeded {
+			err = &Error{Code: codes.Unavailable, Message: fmt.Sprintf("unavailable: %s did not answer within %s", c.cfg.Endpoints[idx], attempt)}
 		}
 	}
 	return err
@@ -177,7 +205,7 @@ func (c *Client) Wait(ctx context.Context, id string) (*pb.Job, error) {
 
 // Logs streams a job's output; fn gets each chunk with its node and rank.
 func (c *Client) Logs(ctx context.Context, id string, fn func(*pb.GetJobLogsResponse) error) error {
-	return c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
+	return c.stream(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
 		stream, err := pb.NewJobServiceClient(conn).GetJobLogs(ctx, &pb.GetJobLogsRequest{Id: id})
 		if err != nil {
 			return err
