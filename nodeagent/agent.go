@@ -117,25 +117,57 @@ func (a *Agent) Inventory() gpu.Inventory { return a.inventory }
 // the agent started has been stopped: no process outlives it.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.stopAll()
-	backoff := 100 * time.Millisecond
-	for i := 0; ctx.Err() == nil; i++ {
-		server := a.cfg.Servers[i%len(a.cfg.Servers)]
-		start := time.Now()
-		err := a.serve(ctx, server)
+	backoff, failed, next, hint := minBackoff, 0, 0, ""
+	for ctx.Err() == nil {
+		server := hint
+		if server == "" {
+			server = a.cfg.Servers[next%len(a.cfg.Servers)]
+			next++
+		}
+		end := a.serve(ctx, server)
 		if ctx.Err() != nil {
 			break
 		}
-		if time.Since(start) > 10*time.Second {
-			backoff = 100 * time.Millisecond // it was a healthy session
+		// A follower names the leader: go there at once. Otherwise try the
+		// next endpoint soon, and back off only after a whole round of
+		// endpoints failed, so a failover costs one election, not minutes.
+		delay := backoff
+		hint = ""
+		switch {
+		case end.welcomed:
+			backoff, failed, delay = minBackoff, 0, minBackoff
+		case end.leaderHint != "" && end.leaderHint != server:
+			hint, delay = end.leaderHint, 0
+		default:
+			if failed++; failed%len(a.cfg.Servers) == 0 {
+				backoff = min(2*backoff, maxBackoff)
+			}
 		}
-		a.log.Info("scheduler stream ended; reconnecting", zap.String("server", server), zap.Error(err), zap.Duration("retry_in", backoff))
+		a.log.Info("scheduler stream ended; reconnecting", zap.String("server", server), zap.Error(end.err),
+			zap.String("leader_hint", hint), zap.Duration("retry_in", delay))
 		select {
 		case <-ctx.Done():
-		case <-time.After(backoff):
+		case <-time.After(delay):
 		}
-		backoff = min(2*backoff, 2*time.Second)
 	}
 	return nil
+}
+
+// Reconnect pacing.
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 2 * time.Second
+)
+
+// leaderTrailer is the trailer in which a follower that refuses the stream
+// names the leader's address (see AgentService in agent_service.proto).
+const leaderTrailer = "gpusched-leader"
+
+// sessionEnd is how one stream ended.
+type sessionEnd struct {
+	welcomed   bool   // the scheduler accepted the agent on it
+	leaderHint string // a follower's pointer to the leader
+	err        error
 }
 
 // Heartbeat intervals: the default until the scheduler's Welcome says
@@ -178,7 +210,14 @@ func (a *Agent) notify(msg *pb.ConnectRequest) {
 }
 
 // serve runs one stream until it fails or ctx ends.
-func (a *Agent) serve(ctx context.Context, server string) error {
+func (a *Agent) serve(ctx context.Context, server string) (end sessionEnd) {
+	end.err = a.stream(ctx, server, &end)
+	return end
+}
+
+// stream runs one stream; it records in end what the caller needs to pick
+// the next endpoint.
+func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) error {
 	opts := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// Notice a dead scheduler host even while nothing is being sent.
@@ -271,6 +310,9 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 	for {
 		cmd, err := stream.Recv()
 		if err != nil {
+			if hint := stream.Trailer().Get(leaderTrailer); len(hint) > 0 {
+				end.leaderHint = hint[0]
+			}
 			return err
 		}
 		lastRecv.Store(time.Now().UnixNano())
@@ -283,6 +325,7 @@ func (a *Agent) serve(ctx context.Context, server string) error {
 		}
 		switch m := cmd.GetMsg().(type) {
 		case *pb.ConnectResponse_Welcome:
+			end.welcomed = true
 			a.log.Info("registered with scheduler", zap.String("server", server), zap.Int64("token", cmd.GetFencingToken()))
 			if d := m.Welcome.GetHeartbeatInterval(); d.CheckValid() == nil && d.AsDuration() >= minHeartbeat {
 				select {

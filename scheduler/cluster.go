@@ -72,30 +72,40 @@ func (s *Scheduler) Status(ctx context.Context) (*pb.GetStatusResponse, error) {
 	return out, nil
 }
 
-// leaderConn returns a connection to the leading replica, for forwarding.
-func (s *Scheduler) leaderConn(ctx context.Context) (*grpc.ClientConn, error) {
+// leaderAddr returns the gRPC address of the leading replica, when it is
+// another one.
+func (s *Scheduler) leaderAddr(ctx context.Context) (string, error) {
 	name, _, err := s.leader(ctx)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if name == "" {
-		return nil, model.Errorf(model.ErrNotLeader, "no leader elected yet")
+		return "", model.Errorf(model.ErrNotLeader, "no leader elected yet")
 	}
 	if name == s.cfg.Name {
-		return nil, model.Errorf(model.ErrNotLeader, "this replica was just elected and is still loading")
+		return "", model.Errorf(model.ErrNotLeader, "this replica was just elected and is still loading")
 	}
 	resp, err := s.cfg.Etcd.Get(ctx, s.replicaPrefix()+name)
 	if err != nil {
-		return nil, fmt.Errorf("scheduler: read replica %s: %w", name, err)
+		return "", fmt.Errorf("scheduler: read replica %s: %w", name, err)
 	}
 	if len(resp.Kvs) == 0 {
-		return nil, model.Errorf(model.ErrNotLeader, "leader %s has not announced its address", name)
+		return "", model.Errorf(model.ErrNotLeader, "leader %s has not announced its address", name)
 	}
 	var r pb.Replica
 	if err := proto.Unmarshal(resp.Kvs[0].Value, &r); err != nil {
-		return nil, fmt.Errorf("scheduler: corrupt replica record %s: %w", name, err)
+		return "", fmt.Errorf("scheduler: corrupt replica record %s: %w", name, err)
 	}
-	return s.peers.get(r.GetAddress())
+	return r.GetAddress(), nil
+}
+
+// leaderConn returns a connection to the leading replica, for forwarding.
+func (s *Scheduler) leaderConn(ctx context.Context) (*grpc.ClientConn, error) {
+	addr, err := s.leaderAddr(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return s.peers.get(addr)
 }
 
 // peerConns caches one client connection per peer replica address.

@@ -16,6 +16,7 @@ import (
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler"
+	"github.com/gpusched/gpusched/scheduler/api"
 	"github.com/gpusched/gpusched/scheduler/internal/schedtest"
 )
 
@@ -286,5 +287,23 @@ func TestListingThroughTheAPI(t *testing.T) {
 	resp, err = c.Replica.Nodes.ListNodes(ctx, &pb.ListNodesRequest{States: []pb.NodeState{pb.NodeState_NODE_STATE_LEASED}})
 	if err != nil || len(resp.GetNodes()) != 0 {
 		t.Errorf("leased nodes = %v, %v; want none", resp.GetNodes(), err)
+	}
+}
+
+func TestAStandbyPointsAgentsToTheLeader(t *testing.T) {
+	c := schedtest.StartCluster(t, schedtest.ClusterConfig{Scheduler: scheduler.Config{Name: "leader"}})
+	standby := schedtest.StartReplica(t, scheduler.Config{Etcd: c.Etcd.Client, Name: "standby"})
+	stream, err := pb.NewAgentServiceClient(standby.Conn).Connect(schedtest.Context(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{NodeId: "n1"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("Recv = %v; want Unavailable", err)
+	}
+	if got := stream.Trailer().Get(api.LeaderTrailer); len(got) != 1 || got[0] != c.Replica.Addr {
+		t.Fatalf("trailer %s = %v; want the leader's address %s", api.LeaderTrailer, got, c.Replica.Addr)
 	}
 }

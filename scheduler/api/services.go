@@ -24,6 +24,10 @@ type Backend struct {
 	// follower can forward leader-only work. Nil: followers answer
 	// Unavailable and clients fail over by themselves.
 	LeaderConn func(ctx context.Context) (*grpc.ClientConn, error)
+	// LeaderAddr returns the leader's address, which a follower hands to
+	// agents (trailer LeaderTrailer) so they reconnect there directly.
+	// Nil: no hint.
+	LeaderAddr func(ctx context.Context) (string, error)
 	// Status reports the replicas and the leader (ClusterService). Nil:
 	// the service is not registered.
 	Status func(ctx context.Context) (*pb.GetStatusResponse, error)
@@ -216,9 +220,18 @@ type agentServer struct {
 
 var _ pb.AgentServiceServer = (*agentServer)(nil)
 
+// LeaderTrailer is the trailer key in which a follower names the leader's
+// address when it refuses an agent's stream.
+const LeaderTrailer = "gpusched-leader"
+
 func (s *agentServer) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
 	eng, err := s.b.Leader()
 	if err != nil {
+		if s.b.LeaderAddr != nil {
+			if addr, aerr := s.b.LeaderAddr(stream.Context()); aerr == nil {
+				stream.SetTrailer(metadata.Pairs(LeaderTrailer, addr))
+			}
+		}
 		return toStatus(err)
 	}
 	err = eng.ServeAgent(stream)

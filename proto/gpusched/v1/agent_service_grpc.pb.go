@@ -28,6 +28,9 @@ const (
 //
 // AgentService is the one channel between a node agent and the scheduler.
 // Agents speak only this gRPC protocol; they never hold etcd credentials.
+// Only the leader serves Connect: a follower fails it with UNAVAILABLE and,
+// when it knows the leader, names the leader's address in the trailer
+// "gpusched-leader" so the agent reconnects there at once.
 type AgentServiceClient interface {
 	// Connect is the agent's long-lived stream. The agent's first message is
 	// AgentHello; the scheduler answers Welcome and then sends commands, each
@@ -62,6 +65,9 @@ type AgentService_ConnectClient = grpc.BidiStreamingClient[ConnectRequest, Conne
 //
 // AgentService is the one channel between a node agent and the scheduler.
 // Agents speak only this gRPC protocol; they never hold etcd credentials.
+// Only the leader serves Connect: a follower fails it with UNAVAILABLE and,
+// when it knows the leader, names the leader's address in the trailer
+// "gpusched-leader" so the agent reconnects there at once.
 type AgentServiceServer interface {
 	// Connect is the agent's long-lived stream. The agent's first message is
 	// AgentHello; the scheduler answers Welcome and then sends commands, each
