@@ -153,10 +153,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// Reconnect pacing.
+// Reconnect pacing. The ceiling is low on purpose: while no replica leads,
+// agents retry, and the first retry after an election is what ends a
+// failover; a connection attempt on loopback or a LAN costs little.
 const (
 	minBackoff = 100 * time.Millisecond
-	maxBackoff = 2 * time.Second
+	maxBackoff = 500 * time.Millisecond
 )
 
 // leaderTrailer is the trailer in which a follower that refuses the stream
