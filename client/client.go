@@ -102,10 +102,30 @@ func (c *Client) invoke(ctx context.Context, attempt time.Duration, fn func(ctx 
 		ctx, cancel = context.WithTimeout(ctx, c.cfg.CallTimeout)
 		defer cancel()
 	}
+	backoff := 100 * time.Millisecond
+	for {
+		electing, err := c.round(ctx, attempt, fn)
+		// Ride out an election: some replica answered that no leader is
+		// reachable yet. If none answered at all, fail fast: the address is
+		// wrong or the whole cluster is down.
+		if err == nil || !electing || ctx.Err() != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+// round tries each endpoint once, starting with the last one that worked.
+// electing reports whether a replica said the cluster is between leaders.
+func (c *Client) round(ctx context.Context, attempt time.Duration, fn func(ctx context.Context, conn *grpc.ClientConn) error) (electing bool, err error) {
 	c.mu.Lock()
 	start := c.cur
 	c.mu.Unlock()
-	var err error
 	for i := range c.conns {
 		idx := (start + i) % len(c.conns)
 		actx, cancel := ctx, context.CancelFunc(func() {})
@@ -118,18 +138,19 @@ func (c *Client) invoke(ctx context.Context, attempt time.Duration, fn func(ctx 
 			c.mu.Lock()
 			c.cur = idx
 			c.mu.Unlock()
-			return nil
+			return false, nil
 		}
 		var e *Error
 		retry := errors.As(err, &e) && (e.Code == codes.Unavailable || e.Code == codes.DeadlineExceeded)
 		if !retry || ctx.Err() != nil {
-			return err
+			return false, err
 		}
+		electing = electing || e.NoLeader
 		if e.Code == codes.DeadlineExceeded {
 			err = &Error{Code: codes.Unavailable, Message: fmt.Sprintf("unavailable: %s did not answer within %s", c.cfg.Endpoints[idx], attempt)}
 		}
 	}
-	return err
+	return electing, err
 }
 
 // Submit submits a job; it is PENDING and durable when Submit returns.

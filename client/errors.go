@@ -37,6 +37,9 @@ type Error struct {
 	Code       codes.Code
 	Message    string
 	Violations []FieldViolation
+	// NoLeader: a replica answered that the cluster is between leaders;
+	// the call is worth retrying.
+	NoLeader bool
 }
 
 // Error returns the server's message.
@@ -59,10 +62,15 @@ func fromStatus(err error) error {
 	}
 	e := &Error{Code: st.Code(), Message: st.Message()}
 	for _, d := range st.Details() {
-		if br, ok := d.(*errdetails.BadRequest); ok {
-			for _, v := range br.GetFieldViolations() {
+		switch d := d.(type) {
+		case *errdetails.BadRequest:
+			for _, v := range d.GetFieldViolations() {
 				e.Violations = append(e.Violations, FieldViolation{Field: v.GetField(), Description: v.GetDescription()})
 			}
+		case *errdetails.ErrorInfo:
+			// Mirrors scheduler/api's ReasonNoLeader (the SDK imports no
+			// scheduler code).
+			e.NoLeader = d.GetReason() == "NO_LEADER" && d.GetDomain() == "gpusched.io"
 		}
 	}
 	if e.Code == codes.Unavailable && !strings.Contains(e.Message, "unavailable") {

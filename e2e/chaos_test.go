@@ -354,3 +354,20 @@ func TestChaosAgentKilledMidJob(t *testing.T) {
 	assertNoOrphans(t, "the restarted agent")
 	c.check(t, []string{j.GetId()})
 }
+
+func TestChaosTheCLIRidesOutAFailover(t *testing.T) {
+	c := startChaos(t, 2)
+	old, _ := c.leader(t, "")
+	if err := old.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	// One plain CLI call, made while no replica leads: it must wait for the
+	// election rather than fail.
+	id := submit(t, c.Servers(), "--nodes", "2", "--", "true")
+	if r := cli(t, c.Servers(), "wait", id); r.code != 0 {
+		t.Fatalf("wait: exit %d: %s", r.code, r.stderr)
+	}
+	if st := mustCLI(t, c.Servers(), "status"); strings.Contains(st, old.Name()) {
+		t.Errorf("status still lists the killed replica %s:\n%s", old.Name(), st)
+	}
+}

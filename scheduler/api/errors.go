@@ -29,6 +29,14 @@ var errorCodes = []struct {
 	{context.DeadlineExceeded, codes.DeadlineExceeded},
 }
 
+// ErrorInfo reasons the API attaches to errors, in ErrorDomain.
+const (
+	ErrorDomain = "gpusched.io"
+	// ReasonNoLeader: this replica cannot serve the call now because no
+	// leader is reachable (an election or a leader's start-up is under way).
+	ReasonNoLeader = "NO_LEADER"
+)
+
 // toStatus converts an error to a gRPC status error. Validation errors carry
 // a BadRequest detail with one FieldViolation per bad field.
 func toStatus(err error) error {
@@ -46,6 +54,13 @@ func toStatus(err error) error {
 		}
 	}
 	st := status.New(code, err.Error())
+	if errors.Is(err, model.ErrNotLeader) || errors.Is(err, model.ErrStopped) {
+		// Tells clients the cluster is alive but between leaders, so they
+		// retry rather than give up.
+		if withInfo, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: ReasonNoLeader, Domain: ErrorDomain}); derr == nil {
+			st = withInfo
+		}
+	}
 	var verr *model.ValidationError
 	if errors.As(err, &verr) {
 		br := &errdetails.BadRequest{}

@@ -7,7 +7,9 @@ import (
 	"io"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/engine"
@@ -60,7 +62,13 @@ func call[R any](ctx context.Context, b Backend, local func(*engine.Engine) (R, 
 	if ferr != nil {
 		return zero, toStatus(fmt.Errorf("%w; cannot forward to the leader: %v", err, ferr))
 	}
-	return remote(metadata.AppendToOutgoingContext(ctx, forwardedKey, "1"), conn)
+	r, err := remote(metadata.AppendToOutgoingContext(ctx, forwardedKey, "1"), conn)
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable && len(st.Details()) == 0 {
+		// The leader we know of cannot be reached (it died and its key has
+		// not expired yet): to the client that is an election under way.
+		return r, toStatus(model.Errorf(model.ErrNotLeader, "leader unreachable: %s", st.Message()))
+	}
+	return r, err
 }
 
 // leaderConn returns a connection to the leader if this call may be
