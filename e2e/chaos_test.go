@@ -355,9 +355,12 @@ func TestChaosAgentKilledMidJob(t *testing.T) {
 	c.check(t, []string{j.GetId()})
 }
 
-func TestChaosTheCLIRidesOutAFailover(t *testing.T) {
-	c := startChaos(t, 2)
+func TestChaosAFailoverAdoptsRunningJobsAndTheCLIRidesItOut(t *testing.T) {
+	c := startChaos(t, 3)
 	old, _ := c.leader(t, "")
+	// A job running across the failover is adopted, not restarted.
+	long := c.submit(t, &pb.JobSpec{Nodes: 1, Command: []string{"sh", "-c", "sleep 4 # " + marker}})
+	c.waitJob(t, long.GetId(), "to run", func(j *pb.Job) bool { return j.GetState() == pb.JobState_JOB_STATE_RUNNING })
 	if err := old.Kill(); err != nil {
 		t.Fatal(err)
 	}
@@ -370,4 +373,9 @@ func TestChaosTheCLIRidesOutAFailover(t *testing.T) {
 	if st := mustCLI(t, c.Servers(), "status"); strings.Contains(st, old.Name()) {
 		t.Errorf("status still lists the killed replica %s:\n%s", old.Name(), st)
 	}
+	adopted := c.waitSucceeded(t, long.GetId())
+	if adopted.GetAttempts() != 1 || adopted.GetLeaseId() != long.GetId()+".1" {
+		t.Errorf("the running job was not adopted: lease %s, attempts %d", adopted.GetLeaseId(), adopted.GetAttempts())
+	}
+	c.check(t, []string{long.GetId(), id})
 }
