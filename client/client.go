@@ -276,3 +276,24 @@ func (c *Client) Status(ctx context.Context) (*pb.GetStatusResponse, error) {
 	})
 	return resp, err
 }
+
+// Drain stops new leases on a node; with now, its current lease is stopped
+// and the job requeued.
+func (c *Client) Drain(ctx context.Context, node, reason string, now bool) (*pb.Node, error) {
+	var resp *pb.DrainNodeResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewNodeServiceClient(conn).DrainNode(ctx, &pb.DrainNodeRequest{Id: node, Reason: reason, Now: now})
+		return err
+	})
+	return resp.GetNode(), err
+}
+
+// Undrain returns a drained node to service.
+func (c *Client) Undrain(ctx context.Context, node string) (*pb.Node, error) {
+	var resp *pb.UndrainNodeResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewNodeServiceClient(conn).UndrainNode(ctx, &pb.UndrainNodeRequest{Id: node})
+		return err
+	})
+	return resp.GetNode(), err
+}

@@ -838,3 +838,51 @@ func TestTheStreamOfASilentAgentIsClosed(t *testing.T) {
 		return c.Agents[0].Welcomes() >= 2, fmt.Sprintf("welcomes = %d", c.Agents[0].Welcomes())
 	})
 }
+
+func TestADrainedNodeFinishesItsLeaseAndTakesNoNewOne(t *testing.T) {
+	c := cluster(t, 1, schedtest.AgentConfig{}, engine.Config{})
+	ctx := schedtest.Context(t)
+	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	resp, err := c.Replica.Nodes.DrainNode(ctx, &pb.DrainNodeRequest{Id: "node-0", Reason: "replace PSU"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetNode().GetState() != pb.NodeState_NODE_STATE_DRAINING || resp.GetNode().GetDrainReason() != "replace PSU" {
+		t.Fatalf("drained a leased node: %v; want DRAINING with the reason", resp.GetNode())
+	}
+	c.Agents[0].Exit(running.GetLeaseId(), 0, "")
+	schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_SUCCEEDED)
+	schedtest.WaitNodeState(t, c.Replica.Nodes, "node-0", pb.NodeState_NODE_STATE_DRAINED)
+	next := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	schedtest.WaitJob(t, c.Replica.Jobs, next.GetId(), "to wait while the only node is drained", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_PENDING && strings.HasPrefix(j.GetReason(), "waiting for 1 H100 node; 0 of 1 free")
+	})
+	if _, err := c.Replica.Nodes.UndrainNode(ctx, &pb.UndrainNodeRequest{Id: "node-0"}); err != nil {
+		t.Fatal(err)
+	}
+	schedtest.WaitJobState(t, c.Replica.Jobs, next.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	if _, err := c.Replica.Nodes.DrainNode(ctx, &pb.DrainNodeRequest{Id: "nope"}); status.Code(err) != codes.NotFound {
+		t.Errorf("draining an unknown node = %v; want NotFound", err)
+	}
+}
+
+func TestDrainNowRequeuesTheJobWithoutSpendingARetry(t *testing.T) {
+	c := cluster(t, 2, schedtest.AgentConfig{}, engine.Config{})
+	spec := schedtest.Spec(1)
+	spec.MaxRetries = proto.Int32(0)
+	j := schedtest.Submit(t, c.Replica.Jobs, spec)
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	node := running.GetNodes()[0]
+	if _, err := c.Replica.Nodes.DrainNode(schedtest.Context(t), &pb.DrainNodeRequest{Id: node, Now: true}); err != nil {
+		t.Fatal(err)
+	}
+	c.Agent(node).WaitRelease(t, running.GetLeaseId())
+	again := schedtest.WaitJob(t, c.Replica.Jobs, j.GetId(), "to run again elsewhere", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_RUNNING && j.GetAttempts() == 2
+	})
+	if again.GetNodes()[0] == node || again.GetRetries() != 0 {
+		t.Errorf("after drain --now: nodes %v, retries %d; want another node and no retry spent", again.GetNodes(), again.GetRetries())
+	}
+	schedtest.WaitNodeState(t, c.Replica.Nodes, node, pb.NodeState_NODE_STATE_DRAINED)
+}

@@ -88,6 +88,7 @@ replicas).`,
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
 		newEtcdCmd(),
 		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(), newCheckCmd(),
+		newDrainCmd(), newUndrainCmd(),
 	)
 	return root
 }

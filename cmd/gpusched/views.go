@@ -255,6 +255,9 @@ func describeNode(w io.Writer, n *pb.Node) error {
 	if n.GetReason() != "" {
 		t.row("Reason:", n.GetReason())
 	}
+	if n.GetDrain() {
+		t.row("Drained:", n.GetDrainReason())
+	}
 	t.row("Agent:", map[bool]string{true: "connected", false: "disconnected"}[n.GetConnected()])
 	t.row("Address:", orDash(n.GetAddress()))
 	t.row("Hostname:", orDash(inv.GetHostname()))

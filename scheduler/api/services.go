@@ -218,6 +218,30 @@ func (s *nodeServer) GetNode(ctx context.Context, req *pb.GetNodeRequest) (*pb.G
 	})
 }
 
+func (s *nodeServer) DrainNode(ctx context.Context, req *pb.DrainNodeRequest) (*pb.DrainNodeResponse, error) {
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.DrainNodeResponse, error) {
+		n, err := eng.Drain(ctx, req.GetId(), req.GetReason(), req.GetNow())
+		if err != nil {
+			return nil, err
+		}
+		return &pb.DrainNodeResponse{Node: wire.NodeToProto(n)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.DrainNodeResponse, error) {
+		return pb.NewNodeServiceClient(conn).DrainNode(ctx, req)
+	})
+}
+
+func (s *nodeServer) UndrainNode(ctx context.Context, req *pb.UndrainNodeRequest) (*pb.UndrainNodeResponse, error) {
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.UndrainNodeResponse, error) {
+		n, err := eng.Undrain(ctx, req.GetId())
+		if err != nil {
+			return nil, err
+		}
+		return &pb.UndrainNodeResponse{Node: wire.NodeToProto(n)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.UndrainNodeResponse, error) {
+		return pb.NewNodeServiceClient(conn).UndrainNode(ctx, req)
+	})
+}
+
 // agentServer does not forward: an agent's stream belongs on the leader,
 // so a follower answers Unavailable and the agent moves to the next
 // endpoint it knows.

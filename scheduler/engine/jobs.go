@@ -217,14 +217,18 @@ func (e *Engine) nodeFailed(j *model.Job, why string) {
 		return
 	}
 	j.Retries++
+	e.requeue(j, why, fmt.Sprintf("requeued after %s (retry %d of %d)", why, j.Retries, j.Spec.MaxRetries))
+}
+
+// requeue ends the job's lease and puts it back in the queue at its place.
+func (e *Engine) requeue(j *model.Job, why, reason string) {
 	l := e.endLease(j, "requeued: "+why)
-	j.State = model.JobPending
-	j.Reason = fmt.Sprintf("requeued after %s (retry %d of %d)", why, j.Retries, j.Spec.MaxRetries)
+	j.State, j.Reason = model.JobPending, reason
 	j.ScheduleTime, j.StartTime, j.Exits = time.Time{}, time.Time{}, nil
 	e.queue.push(j) // keeps its place: the queue is ordered by submission
 	e.persist(store.Change{Job: j, Lease: l})
 	e.needCycle = true
-	e.log.Warn("job requeued", zap.String("job_id", j.ID), zap.String("reason", why), zap.Int("retry", j.Retries))
+	e.log.Warn("job requeued", zap.String("job_id", j.ID), zap.String("reason", why), zap.Int("retries", j.Retries))
 }
 
 // nodeExited records one node's exit and ends the job when its outcome is known:

@@ -34,17 +34,21 @@ func (n *nodeEntry) view() *model.Node {
 	switch {
 	case n.lost:
 		v.State, v.Reason, v.LeaseID = model.NodeLost, "agent disconnected", n.lease
+	case n.node.Drain && (n.lease != "" || n.cleaning != ""):
+		v.State, v.LeaseID = model.NodeDraining, n.lease+n.cleaning
 	case n.lease != "":
 		v.State, v.LeaseID = model.NodeLeased, n.lease
 	case n.cleaning != "":
 		v.State, v.LeaseID = model.NodeCleaning, n.cleaning
+	case n.node.State == model.NodeReady && n.node.Drain:
+		v.State = model.NodeDrained
 	}
 	return v
 }
 
 // placeable reports whether the node may be given a new lease now.
 func (n *nodeEntry) placeable() bool {
-	return n.conn != nil && n.lease == "" && n.cleaning == "" && n.node.State == model.NodeReady
+	return n.conn != nil && n.lease == "" && n.cleaning == "" && n.node.State == model.NodeReady && !n.node.Drain
 }
 
 // leaseEntry is a lease plus per-node progress kept in memory. Agents

@@ -61,6 +61,9 @@ type Node struct {
 	Address      string
 	RegisterTime time.Time
 	Reason       string
+	// Drain is the operator's wish that the node take no new lease.
+	Drain       bool
+	DrainReason string
 	// Connected is in-memory only: whether the agent's stream is up now.
 	Connected bool
 }

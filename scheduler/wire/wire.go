@@ -176,6 +176,8 @@ func NodeToProto(n *model.Node) *pb.Node {
 		Address:      n.Address,
 		RegisterTime: ts(n.RegisterTime),
 		Reason:       n.Reason,
+		Drain:        n.Drain,
+		DrainReason:  n.DrainReason,
 	}
 }
 
@@ -192,6 +194,8 @@ func NodeFromProto(p *pb.Node) *model.Node {
 		Address:      p.GetAddress(),
 		RegisterTime: fromTS(p.GetRegisterTime()),
 		Reason:       p.GetReason(),
+		Drain:        p.GetDrain(),
+		DrainReason:  p.GetDrainReason(),
 	}
 }
 

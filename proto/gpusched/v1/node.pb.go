@@ -285,7 +285,12 @@ type Node struct {
 	Address      string                 `protobuf:"bytes,8,opt,name=address,proto3" json:"address,omitempty"`
 	RegisterTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=register_time,json=registerTime,proto3" json:"register_time,omitempty"`
 	// Why the node is in its state, when not READY/LEASED.
-	Reason        string `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,10,opt,name=reason,proto3" json:"reason,omitempty"`
+	// An operator drained the node: it takes no new lease until undrained.
+	// The state shows DRAINING while a lease still holds it, then DRAINED.
+	Drain bool `protobuf:"varint,11,opt,name=drain,proto3" json:"drain,omitempty"`
+	// Why the operator drained it.
+	DrainReason   string `protobuf:"bytes,12,opt,name=drain_reason,json=drainReason,proto3" json:"drain_reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -390,6 +395,20 @@ func (x *Node) GetReason() string {
 	return ""
 }
 
+func (x *Node) GetDrain() bool {
+	if x != nil {
+		return x.Drain
+	}
+	return false
+}
+
+func (x *Node) GetDrainReason() string {
+	if x != nil {
+		return x.DrainReason
+	}
+	return ""
+}
+
 var File_gpusched_v1_node_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_node_proto_rawDesc = "" +
@@ -409,7 +428,7 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	"\x04gpus\x18\x04 \x03(\v2\x10.gpusched.v1.GpuR\x04gpus\x12%\n" +
 	"\x0edriver_version\x18\x05 \x01(\tR\rdriverVersion\x12!\n" +
 	"\fcuda_version\x18\x06 \x01(\tR\vcudaVersion\x12\x1a\n" +
-	"\bhostname\x18\a \x01(\tR\bhostname\"\xaf\x03\n" +
+	"\bhostname\x18\a \x01(\tR\bhostname\"\xe8\x03\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x124\n" +
 	"\tinventory\x18\x02 \x01(\v2\x16.gpusched.v1.InventoryR\tinventory\x12,\n" +
@@ -421,7 +440,9 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	"\aaddress\x18\b \x01(\tR\aaddress\x12?\n" +
 	"\rregister_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\fregisterTime\x12\x16\n" +
 	"\x06reason\x18\n" +
-	" \x01(\tR\x06reason\x1a9\n" +
+	" \x01(\tR\x06reason\x12\x14\n" +
+	"\x05drain\x18\v \x01(\bR\x05drain\x12!\n" +
+	"\fdrain_reason\x18\f \x01(\tR\vdrainReason\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xcd\x01\n" +

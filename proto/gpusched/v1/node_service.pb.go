@@ -198,6 +198,200 @@ func (x *GetNodeResponse) GetNode() *Node {
 	return nil
 }
 
+type DrainNodeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Stop the current lease now instead of letting it finish.
+	Now bool `protobuf:"varint,2,opt,name=now,proto3" json:"now,omitempty"`
+	// Why; shown on the node.
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainNodeRequest) Reset() {
+	*x = DrainNodeRequest{}
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainNodeRequest) ProtoMessage() {}
+
+func (x *DrainNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainNodeRequest.ProtoReflect.Descriptor instead.
+func (*DrainNodeRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DrainNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DrainNodeRequest) GetNow() bool {
+	if x != nil {
+		return x.Now
+	}
+	return false
+}
+
+func (x *DrainNodeRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type DrainNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainNodeResponse) Reset() {
+	*x = DrainNodeResponse{}
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainNodeResponse) ProtoMessage() {}
+
+func (x *DrainNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainNodeResponse.ProtoReflect.Descriptor instead.
+func (*DrainNodeResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *DrainNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+type UndrainNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainNodeRequest) Reset() {
+	*x = UndrainNodeRequest{}
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainNodeRequest) ProtoMessage() {}
+
+func (x *UndrainNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainNodeRequest.ProtoReflect.Descriptor instead.
+func (*UndrainNodeRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *UndrainNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type UndrainNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UndrainNodeResponse) Reset() {
+	*x = UndrainNodeResponse{}
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UndrainNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UndrainNodeResponse) ProtoMessage() {}
+
+func (x *UndrainNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UndrainNodeResponse.ProtoReflect.Descriptor instead.
+func (*UndrainNodeResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *UndrainNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
 var File_gpusched_v1_node_service_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_node_service_proto_rawDesc = "" +
@@ -210,10 +404,22 @@ const file_gpusched_v1_node_service_proto_rawDesc = "" +
 	"\x0eGetNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"8\n" +
 	"\x0fGetNodeResponse\x12%\n" +
-	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node2\x9f\x01\n" +
+	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node\"L\n" +
+	"\x10DrainNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03now\x18\x02 \x01(\bR\x03now\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\":\n" +
+	"\x11DrainNodeResponse\x12%\n" +
+	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node\"$\n" +
+	"\x12UndrainNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"<\n" +
+	"\x13UndrainNodeResponse\x12%\n" +
+	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node2\xbd\x02\n" +
 	"\vNodeService\x12J\n" +
 	"\tListNodes\x12\x1d.gpusched.v1.ListNodesRequest\x1a\x1e.gpusched.v1.ListNodesResponse\x12D\n" +
-	"\aGetNode\x12\x1b.gpusched.v1.GetNodeRequest\x1a\x1c.gpusched.v1.GetNodeResponseB\xab\x01\n" +
+	"\aGetNode\x12\x1b.gpusched.v1.GetNodeRequest\x1a\x1c.gpusched.v1.GetNodeResponse\x12J\n" +
+	"\tDrainNode\x12\x1d.gpusched.v1.DrainNodeRequest\x1a\x1e.gpusched.v1.DrainNodeResponse\x12P\n" +
+	"\vUndrainNode\x12\x1f.gpusched.v1.UndrainNodeRequest\x1a .gpusched.v1.UndrainNodeResponseB\xab\x01\n" +
 	"\x0fcom.gpusched.v1B\x10NodeServiceProtoP\x01Z9github.com/gpusched/gpusched/proto/gpusched/v1;gpuschedv1\xa2\x02\x03GXX\xaa\x02\vGpusched.V1\xca\x02\vGpusched\\V1\xe2\x02\x17Gpusched\\V1\\GPBMetadata\xea\x02\fGpusched::V1b\x06proto3"
 
 var (
@@ -228,28 +434,38 @@ func file_gpusched_v1_node_service_proto_rawDescGZIP() []byte {
 	return file_gpusched_v1_node_service_proto_rawDescData
 }
 
-var file_gpusched_v1_node_service_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_gpusched_v1_node_service_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_gpusched_v1_node_service_proto_goTypes = []any{
-	(*ListNodesRequest)(nil),  // 0: gpusched.v1.ListNodesRequest
-	(*ListNodesResponse)(nil), // 1: gpusched.v1.ListNodesResponse
-	(*GetNodeRequest)(nil),    // 2: gpusched.v1.GetNodeRequest
-	(*GetNodeResponse)(nil),   // 3: gpusched.v1.GetNodeResponse
-	(NodeState)(0),            // 4: gpusched.v1.NodeState
-	(*Node)(nil),              // 5: gpusched.v1.Node
+	(*ListNodesRequest)(nil),    // 0: gpusched.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),   // 1: gpusched.v1.ListNodesResponse
+	(*GetNodeRequest)(nil),      // 2: gpusched.v1.GetNodeRequest
+	(*GetNodeResponse)(nil),     // 3: gpusched.v1.GetNodeResponse
+	(*DrainNodeRequest)(nil),    // 4: gpusched.v1.DrainNodeRequest
+	(*DrainNodeResponse)(nil),   // 5: gpusched.v1.DrainNodeResponse
+	(*UndrainNodeRequest)(nil),  // 6: gpusched.v1.UndrainNodeRequest
+	(*UndrainNodeResponse)(nil), // 7: gpusched.v1.UndrainNodeResponse
+	(NodeState)(0),              // 8: gpusched.v1.NodeState
+	(*Node)(nil),                // 9: gpusched.v1.Node
 }
 var file_gpusched_v1_node_service_proto_depIdxs = []int32{
-	4, // 0: gpusched.v1.ListNodesRequest.states:type_name -> gpusched.v1.NodeState
-	5, // 1: gpusched.v1.ListNodesResponse.nodes:type_name -> gpusched.v1.Node
-	5, // 2: gpusched.v1.GetNodeResponse.node:type_name -> gpusched.v1.Node
-	0, // 3: gpusched.v1.NodeService.ListNodes:input_type -> gpusched.v1.ListNodesRequest
-	2, // 4: gpusched.v1.NodeService.GetNode:input_type -> gpusched.v1.GetNodeRequest
-	1, // 5: gpusched.v1.NodeService.ListNodes:output_type -> gpusched.v1.ListNodesResponse
-	3, // 6: gpusched.v1.NodeService.GetNode:output_type -> gpusched.v1.GetNodeResponse
-	5, // [5:7] is the sub-list for method output_type
-	3, // [3:5] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	8, // 0: gpusched.v1.ListNodesRequest.states:type_name -> gpusched.v1.NodeState
+	9, // 1: gpusched.v1.ListNodesResponse.nodes:type_name -> gpusched.v1.Node
+	9, // 2: gpusched.v1.GetNodeResponse.node:type_name -> gpusched.v1.Node
+	9, // 3: gpusched.v1.DrainNodeResponse.node:type_name -> gpusched.v1.Node
+	9, // 4: gpusched.v1.UndrainNodeResponse.node:type_name -> gpusched.v1.Node
+	0, // 5: gpusched.v1.NodeService.ListNodes:input_type -> gpusched.v1.ListNodesRequest
+	2, // 6: gpusched.v1.NodeService.GetNode:input_type -> gpusched.v1.GetNodeRequest
+	4, // 7: gpusched.v1.NodeService.DrainNode:input_type -> gpusched.v1.DrainNodeRequest
+	6, // 8: gpusched.v1.NodeService.UndrainNode:input_type -> gpusched.v1.UndrainNodeRequest
+	1, // 9: gpusched.v1.NodeService.ListNodes:output_type -> gpusched.v1.ListNodesResponse
+	3, // 10: gpusched.v1.NodeService.GetNode:output_type -> gpusched.v1.GetNodeResponse
+	5, // 11: gpusched.v1.NodeService.DrainNode:output_type -> gpusched.v1.DrainNodeResponse
+	7, // 12: gpusched.v1.NodeService.UndrainNode:output_type -> gpusched.v1.UndrainNodeResponse
+	9, // [9:13] is the sub-list for method output_type
+	5, // [5:9] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_node_service_proto_init() }
@@ -264,7 +480,7 @@ func file_gpusched_v1_node_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_node_service_proto_rawDesc), len(file_gpusched_v1_node_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
