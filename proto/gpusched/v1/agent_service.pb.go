@@ -10,6 +10,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -33,6 +34,10 @@ type ConnectRequest struct {
 	//	*ConnectRequest_LeaseExited
 	//	*ConnectRequest_LeaseReleased
 	//	*ConnectRequest_LogChunk
+	//	*ConnectRequest_Telemetry
+	//	*ConnectRequest_NodeEvent
+	//	*ConnectRequest_Health
+	//	*ConnectRequest_MockInjectResult
 	Msg           isConnectRequest_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -129,6 +134,42 @@ func (x *ConnectRequest) GetLogChunk() *LogChunk {
 	return nil
 }
 
+func (x *ConnectRequest) GetTelemetry() *TelemetryBatch {
+	if x != nil {
+		if x, ok := x.Msg.(*ConnectRequest_Telemetry); ok {
+			return x.Telemetry
+		}
+	}
+	return nil
+}
+
+func (x *ConnectRequest) GetNodeEvent() *NodeEvent {
+	if x != nil {
+		if x, ok := x.Msg.(*ConnectRequest_NodeEvent); ok {
+			return x.NodeEvent
+		}
+	}
+	return nil
+}
+
+func (x *ConnectRequest) GetHealth() *HealthReport {
+	if x != nil {
+		if x, ok := x.Msg.(*ConnectRequest_Health); ok {
+			return x.Health
+		}
+	}
+	return nil
+}
+
+func (x *ConnectRequest) GetMockInjectResult() *MockInjectResult {
+	if x != nil {
+		if x, ok := x.Msg.(*ConnectRequest_MockInjectResult); ok {
+			return x.MockInjectResult
+		}
+	}
+	return nil
+}
+
 type isConnectRequest_Msg interface {
 	isConnectRequest_Msg()
 }
@@ -157,6 +198,22 @@ type ConnectRequest_LogChunk struct {
 	LogChunk *LogChunk `protobuf:"bytes,6,opt,name=log_chunk,json=logChunk,proto3,oneof"`
 }
 
+type ConnectRequest_Telemetry struct {
+	Telemetry *TelemetryBatch `protobuf:"bytes,7,opt,name=telemetry,proto3,oneof"`
+}
+
+type ConnectRequest_NodeEvent struct {
+	NodeEvent *NodeEvent `protobuf:"bytes,8,opt,name=node_event,json=nodeEvent,proto3,oneof"`
+}
+
+type ConnectRequest_Health struct {
+	Health *HealthReport `protobuf:"bytes,9,opt,name=health,proto3,oneof"`
+}
+
+type ConnectRequest_MockInjectResult struct {
+	MockInjectResult *MockInjectResult `protobuf:"bytes,10,opt,name=mock_inject_result,json=mockInjectResult,proto3,oneof"`
+}
+
 func (*ConnectRequest_Hello) isConnectRequest_Msg() {}
 
 func (*ConnectRequest_Heartbeat) isConnectRequest_Msg() {}
@@ -168,6 +225,14 @@ func (*ConnectRequest_LeaseExited) isConnectRequest_Msg() {}
 func (*ConnectRequest_LeaseReleased) isConnectRequest_Msg() {}
 
 func (*ConnectRequest_LogChunk) isConnectRequest_Msg() {}
+
+func (*ConnectRequest_Telemetry) isConnectRequest_Msg() {}
+
+func (*ConnectRequest_NodeEvent) isConnectRequest_Msg() {}
+
+func (*ConnectRequest_Health) isConnectRequest_Msg() {}
+
+func (*ConnectRequest_MockInjectResult) isConnectRequest_Msg() {}
 
 // ConnectResponse is one command from scheduler to agent.
 type ConnectResponse struct {
@@ -182,6 +247,7 @@ type ConnectResponse struct {
 	//	*ConnectResponse_ReleaseLease
 	//	*ConnectResponse_FetchLogs
 	//	*ConnectResponse_Heartbeat
+	//	*ConnectResponse_MockInject
 	Msg           isConnectResponse_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -276,6 +342,15 @@ func (x *ConnectResponse) GetHeartbeat() *Heartbeat {
 	return nil
 }
 
+func (x *ConnectResponse) GetMockInject() *MockInject {
+	if x != nil {
+		if x, ok := x.Msg.(*ConnectResponse_MockInject); ok {
+			return x.MockInject
+		}
+	}
+	return nil
+}
+
 type isConnectResponse_Msg interface {
 	isConnectResponse_Msg()
 }
@@ -302,6 +377,11 @@ type ConnectResponse_Heartbeat struct {
 	Heartbeat *Heartbeat `protobuf:"bytes,6,opt,name=heartbeat,proto3,oneof"`
 }
 
+type ConnectResponse_MockInject struct {
+	// Dev and test only: inject a fault into a simulated GPU backend.
+	MockInject *MockInject `protobuf:"bytes,7,opt,name=mock_inject,json=mockInject,proto3,oneof"`
+}
+
 func (*ConnectResponse_Welcome) isConnectResponse_Msg() {}
 
 func (*ConnectResponse_StartLease) isConnectResponse_Msg() {}
@@ -311,6 +391,322 @@ func (*ConnectResponse_ReleaseLease) isConnectResponse_Msg() {}
 func (*ConnectResponse_FetchLogs) isConnectResponse_Msg() {}
 
 func (*ConnectResponse_Heartbeat) isConnectResponse_Msg() {}
+
+func (*ConnectResponse_MockInject) isConnectResponse_Msg() {}
+
+// TelemetryBatch is one sampling round of every GPU of the node.
+type TelemetryBatch struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Time    *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	Samples []*GpuSample           `protobuf:"bytes,2,rep,name=samples,proto3" json:"samples,omitempty"`
+	// Lease and job holding the node when sampled, if any.
+	LeaseId       string `protobuf:"bytes,3,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	JobId         string `protobuf:"bytes,4,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TelemetryBatch) Reset() {
+	*x = TelemetryBatch{}
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TelemetryBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TelemetryBatch) ProtoMessage() {}
+
+func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TelemetryBatch.ProtoReflect.Descriptor instead.
+func (*TelemetryBatch) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TelemetryBatch) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *TelemetryBatch) GetSamples() []*GpuSample {
+	if x != nil {
+		return x.Samples
+	}
+	return nil
+}
+
+func (x *TelemetryBatch) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *TelemetryBatch) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+// HealthReport is the agent's verdict on its node, sent when it changes and
+// after every periodic re-check of an unhealthy node.
+type HealthReport struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Healthy bool                   `protobuf:"varint,1,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// Why not, one line per problem.
+	Problems      []string `protobuf:"bytes,2,rep,name=problems,proto3" json:"problems,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthReport) Reset() {
+	*x = HealthReport{}
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthReport) ProtoMessage() {}
+
+func (x *HealthReport) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthReport.ProtoReflect.Descriptor instead.
+func (*HealthReport) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *HealthReport) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *HealthReport) GetProblems() []string {
+	if x != nil {
+		return x.Problems
+	}
+	return nil
+}
+
+// MockInjectResult answers MockInject.
+type MockInjectResult struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// Empty on success.
+	Error         string `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MockInjectResult) Reset() {
+	*x = MockInjectResult{}
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MockInjectResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MockInjectResult) ProtoMessage() {}
+
+func (x *MockInjectResult) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MockInjectResult.ProtoReflect.Descriptor instead.
+func (*MockInjectResult) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *MockInjectResult) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *MockInjectResult) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+// MockInject asks an agent on a simulated backend to inject a fault. Agents
+// on real NVML refuse it.
+type MockInject struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// GPU index; -1 for every GPU where that makes sense.
+	Gpu int32 `protobuf:"varint,2,opt,name=gpu,proto3" json:"gpu,omitempty"`
+	// Types that are valid to be assigned to Fault:
+	//
+	//	*MockInject_Xid
+	//	*MockInject_EccDoubleBit
+	//	*MockInject_GpuProcess
+	//	*MockInject_Clear
+	Fault         isMockInject_Fault `protobuf_oneof:"fault"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MockInject) Reset() {
+	*x = MockInject{}
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MockInject) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MockInject) ProtoMessage() {}
+
+func (x *MockInject) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MockInject.ProtoReflect.Descriptor instead.
+func (*MockInject) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *MockInject) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
+
+func (x *MockInject) GetGpu() int32 {
+	if x != nil {
+		return x.Gpu
+	}
+	return 0
+}
+
+func (x *MockInject) GetFault() isMockInject_Fault {
+	if x != nil {
+		return x.Fault
+	}
+	return nil
+}
+
+func (x *MockInject) GetXid() uint64 {
+	if x != nil {
+		if x, ok := x.Fault.(*MockInject_Xid); ok {
+			return x.Xid
+		}
+	}
+	return 0
+}
+
+func (x *MockInject) GetEccDoubleBit() bool {
+	if x != nil {
+		if x, ok := x.Fault.(*MockInject_EccDoubleBit); ok {
+			return x.EccDoubleBit
+		}
+	}
+	return false
+}
+
+func (x *MockInject) GetGpuProcess() uint32 {
+	if x != nil {
+		if x, ok := x.Fault.(*MockInject_GpuProcess); ok {
+			return x.GpuProcess
+		}
+	}
+	return 0
+}
+
+func (x *MockInject) GetClear() bool {
+	if x != nil {
+		if x, ok := x.Fault.(*MockInject_Clear); ok {
+			return x.Clear
+		}
+	}
+	return false
+}
+
+type isMockInject_Fault interface {
+	isMockInject_Fault()
+}
+
+type MockInject_Xid struct {
+	Xid uint64 `protobuf:"varint,3,opt,name=xid,proto3,oneof"`
+}
+
+type MockInject_EccDoubleBit struct {
+	EccDoubleBit bool `protobuf:"varint,4,opt,name=ecc_double_bit,json=eccDoubleBit,proto3,oneof"`
+}
+
+type MockInject_GpuProcess struct {
+	// A real OS process registered as using the GPU.
+	GpuProcess uint32 `protobuf:"varint,5,opt,name=gpu_process,json=gpuProcess,proto3,oneof"`
+}
+
+type MockInject_Clear struct {
+	// Remove every injected fault and process.
+	Clear bool `protobuf:"varint,6,opt,name=clear,proto3,oneof"`
+}
+
+func (*MockInject_Xid) isMockInject_Fault() {}
+
+func (*MockInject_EccDoubleBit) isMockInject_Fault() {}
+
+func (*MockInject_GpuProcess) isMockInject_Fault() {}
+
+func (*MockInject_Clear) isMockInject_Fault() {}
 
 // AgentHello registers the node and tells what it is still running.
 type AgentHello struct {
@@ -331,7 +727,7 @@ type AgentHello struct {
 
 func (x *AgentHello) Reset() {
 	*x = AgentHello{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[2]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -343,7 +739,7 @@ func (x *AgentHello) String() string {
 func (*AgentHello) ProtoMessage() {}
 
 func (x *AgentHello) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[2]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -356,7 +752,7 @@ func (x *AgentHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentHello.ProtoReflect.Descriptor instead.
 func (*AgentHello) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{2}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AgentHello) GetNodeId() string {
@@ -416,7 +812,7 @@ type HeldLease struct {
 
 func (x *HeldLease) Reset() {
 	*x = HeldLease{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[3]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -428,7 +824,7 @@ func (x *HeldLease) String() string {
 func (*HeldLease) ProtoMessage() {}
 
 func (x *HeldLease) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[3]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -441,7 +837,7 @@ func (x *HeldLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeldLease.ProtoReflect.Descriptor instead.
 func (*HeldLease) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{3}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *HeldLease) GetLeaseId() string {
@@ -481,7 +877,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[4]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -493,7 +889,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[4]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -506,7 +902,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{4}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{8}
 }
 
 // LeaseStarted: the command is running on this node.
@@ -520,7 +916,7 @@ type LeaseStarted struct {
 
 func (x *LeaseStarted) Reset() {
 	*x = LeaseStarted{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[5]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -532,7 +928,7 @@ func (x *LeaseStarted) String() string {
 func (*LeaseStarted) ProtoMessage() {}
 
 func (x *LeaseStarted) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[5]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -545,7 +941,7 @@ func (x *LeaseStarted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseStarted.ProtoReflect.Descriptor instead.
 func (*LeaseStarted) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{5}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *LeaseStarted) GetLeaseId() string {
@@ -575,7 +971,7 @@ type LeaseExited struct {
 
 func (x *LeaseExited) Reset() {
 	*x = LeaseExited{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[6]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -587,7 +983,7 @@ func (x *LeaseExited) String() string {
 func (*LeaseExited) ProtoMessage() {}
 
 func (x *LeaseExited) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[6]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -600,7 +996,7 @@ func (x *LeaseExited) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseExited.ProtoReflect.Descriptor instead.
 func (*LeaseExited) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{6}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *LeaseExited) GetLeaseId() string {
@@ -643,7 +1039,7 @@ type LeaseReleased struct {
 
 func (x *LeaseReleased) Reset() {
 	*x = LeaseReleased{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[7]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -655,7 +1051,7 @@ func (x *LeaseReleased) String() string {
 func (*LeaseReleased) ProtoMessage() {}
 
 func (x *LeaseReleased) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[7]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -668,7 +1064,7 @@ func (x *LeaseReleased) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LeaseReleased.ProtoReflect.Descriptor instead.
 func (*LeaseReleased) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{7}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *LeaseReleased) GetLeaseId() string {
@@ -706,7 +1102,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[8]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +1114,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[8]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +1127,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{8}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *LogChunk) GetRequestId() uint64 {
@@ -772,7 +1168,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[9]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -784,7 +1180,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[9]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -797,7 +1193,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{9}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Welcome) GetHeartbeatInterval() *durationpb.Duration {
@@ -825,7 +1221,7 @@ type StartLease struct {
 
 func (x *StartLease) Reset() {
 	*x = StartLease{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[10]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -837,7 +1233,7 @@ func (x *StartLease) String() string {
 func (*StartLease) ProtoMessage() {}
 
 func (x *StartLease) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[10]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -850,7 +1246,7 @@ func (x *StartLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartLease.ProtoReflect.Descriptor instead.
 func (*StartLease) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{10}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StartLease) GetLeaseId() string {
@@ -916,7 +1312,7 @@ type ReleaseLease struct {
 
 func (x *ReleaseLease) Reset() {
 	*x = ReleaseLease{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[11]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -928,7 +1324,7 @@ func (x *ReleaseLease) String() string {
 func (*ReleaseLease) ProtoMessage() {}
 
 func (x *ReleaseLease) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[11]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -941,7 +1337,7 @@ func (x *ReleaseLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseLease.ProtoReflect.Descriptor instead.
 func (*ReleaseLease) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{11}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReleaseLease) GetLeaseId() string {
@@ -976,7 +1372,7 @@ type FetchLogs struct {
 
 func (x *FetchLogs) Reset() {
 	*x = FetchLogs{}
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[12]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -988,7 +1384,7 @@ func (x *FetchLogs) String() string {
 func (*FetchLogs) ProtoMessage() {}
 
 func (x *FetchLogs) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_agent_service_proto_msgTypes[12]
+	mi := &file_gpusched_v1_agent_service_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1001,7 +1397,7 @@ func (x *FetchLogs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FetchLogs.ProtoReflect.Descriptor instead.
 func (*FetchLogs) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{12}
+	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *FetchLogs) GetRequestId() uint64 {
@@ -1022,15 +1418,21 @@ var File_gpusched_v1_agent_service_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_agent_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1fgpusched/v1/agent_service.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16gpusched/v1/node.proto\"\xfc\x02\n" +
+	"\x1fgpusched/v1/agent_service.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xf6\x04\n" +
 	"\x0eConnectRequest\x12/\n" +
 	"\x05hello\x18\x01 \x01(\v2\x17.gpusched.v1.AgentHelloH\x00R\x05hello\x126\n" +
 	"\theartbeat\x18\x02 \x01(\v2\x16.gpusched.v1.HeartbeatH\x00R\theartbeat\x12@\n" +
 	"\rlease_started\x18\x03 \x01(\v2\x19.gpusched.v1.LeaseStartedH\x00R\fleaseStarted\x12=\n" +
 	"\flease_exited\x18\x04 \x01(\v2\x18.gpusched.v1.LeaseExitedH\x00R\vleaseExited\x12C\n" +
 	"\x0elease_released\x18\x05 \x01(\v2\x1a.gpusched.v1.LeaseReleasedH\x00R\rleaseReleased\x124\n" +
-	"\tlog_chunk\x18\x06 \x01(\v2\x15.gpusched.v1.LogChunkH\x00R\blogChunkB\x05\n" +
-	"\x03msg\"\xde\x02\n" +
+	"\tlog_chunk\x18\x06 \x01(\v2\x15.gpusched.v1.LogChunkH\x00R\blogChunk\x12;\n" +
+	"\ttelemetry\x18\a \x01(\v2\x1b.gpusched.v1.TelemetryBatchH\x00R\ttelemetry\x127\n" +
+	"\n" +
+	"node_event\x18\b \x01(\v2\x16.gpusched.v1.NodeEventH\x00R\tnodeEvent\x123\n" +
+	"\x06health\x18\t \x01(\v2\x19.gpusched.v1.HealthReportH\x00R\x06health\x12M\n" +
+	"\x12mock_inject_result\x18\n" +
+	" \x01(\v2\x1d.gpusched.v1.MockInjectResultH\x00R\x10mockInjectResultB\x05\n" +
+	"\x03msg\"\x9a\x03\n" +
 	"\x0fConnectResponse\x12#\n" +
 	"\rfencing_token\x18\x01 \x01(\x03R\ffencingToken\x120\n" +
 	"\awelcome\x18\x02 \x01(\v2\x14.gpusched.v1.WelcomeH\x00R\awelcome\x12:\n" +
@@ -1039,8 +1441,33 @@ const file_gpusched_v1_agent_service_proto_rawDesc = "" +
 	"\rrelease_lease\x18\x04 \x01(\v2\x19.gpusched.v1.ReleaseLeaseH\x00R\freleaseLease\x127\n" +
 	"\n" +
 	"fetch_logs\x18\x05 \x01(\v2\x16.gpusched.v1.FetchLogsH\x00R\tfetchLogs\x126\n" +
-	"\theartbeat\x18\x06 \x01(\v2\x16.gpusched.v1.HeartbeatH\x00R\theartbeatB\x05\n" +
-	"\x03msg\"\xc9\x02\n" +
+	"\theartbeat\x18\x06 \x01(\v2\x16.gpusched.v1.HeartbeatH\x00R\theartbeat\x12:\n" +
+	"\vmock_inject\x18\a \x01(\v2\x17.gpusched.v1.MockInjectH\x00R\n" +
+	"mockInjectB\x05\n" +
+	"\x03msg\"\xa4\x01\n" +
+	"\x0eTelemetryBatch\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x120\n" +
+	"\asamples\x18\x02 \x03(\v2\x16.gpusched.v1.GpuSampleR\asamples\x12\x19\n" +
+	"\blease_id\x18\x03 \x01(\tR\aleaseId\x12\x15\n" +
+	"\x06job_id\x18\x04 \x01(\tR\x05jobId\"D\n" +
+	"\fHealthReport\x12\x18\n" +
+	"\ahealthy\x18\x01 \x01(\bR\ahealthy\x12\x1a\n" +
+	"\bproblems\x18\x02 \x03(\tR\bproblems\"G\n" +
+	"\x10MockInjectResult\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x14\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\"\xbd\x01\n" +
+	"\n" +
+	"MockInject\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x10\n" +
+	"\x03gpu\x18\x02 \x01(\x05R\x03gpu\x12\x12\n" +
+	"\x03xid\x18\x03 \x01(\x04H\x00R\x03xid\x12&\n" +
+	"\x0eecc_double_bit\x18\x04 \x01(\bH\x00R\feccDoubleBit\x12!\n" +
+	"\vgpu_process\x18\x05 \x01(\rH\x00R\n" +
+	"gpuProcess\x12\x16\n" +
+	"\x05clear\x18\x06 \x01(\bH\x00R\x05clearB\a\n" +
+	"\x05fault\"\xc9\x02\n" +
 	"\n" +
 	"AgentHello\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x124\n" +
@@ -1115,52 +1542,66 @@ func file_gpusched_v1_agent_service_proto_rawDescGZIP() []byte {
 	return file_gpusched_v1_agent_service_proto_rawDescData
 }
 
-var file_gpusched_v1_agent_service_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_gpusched_v1_agent_service_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_gpusched_v1_agent_service_proto_goTypes = []any{
-	(*ConnectRequest)(nil),      // 0: gpusched.v1.ConnectRequest
-	(*ConnectResponse)(nil),     // 1: gpusched.v1.ConnectResponse
-	(*AgentHello)(nil),          // 2: gpusched.v1.AgentHello
-	(*HeldLease)(nil),           // 3: gpusched.v1.HeldLease
-	(*Heartbeat)(nil),           // 4: gpusched.v1.Heartbeat
-	(*LeaseStarted)(nil),        // 5: gpusched.v1.LeaseStarted
-	(*LeaseExited)(nil),         // 6: gpusched.v1.LeaseExited
-	(*LeaseReleased)(nil),       // 7: gpusched.v1.LeaseReleased
-	(*LogChunk)(nil),            // 8: gpusched.v1.LogChunk
-	(*Welcome)(nil),             // 9: gpusched.v1.Welcome
-	(*StartLease)(nil),          // 10: gpusched.v1.StartLease
-	(*ReleaseLease)(nil),        // 11: gpusched.v1.ReleaseLease
-	(*FetchLogs)(nil),           // 12: gpusched.v1.FetchLogs
-	nil,                         // 13: gpusched.v1.AgentHello.LabelsEntry
-	nil,                         // 14: gpusched.v1.StartLease.EnvEntry
-	(*Inventory)(nil),           // 15: gpusched.v1.Inventory
-	(*durationpb.Duration)(nil), // 16: google.protobuf.Duration
+	(*ConnectRequest)(nil),        // 0: gpusched.v1.ConnectRequest
+	(*ConnectResponse)(nil),       // 1: gpusched.v1.ConnectResponse
+	(*TelemetryBatch)(nil),        // 2: gpusched.v1.TelemetryBatch
+	(*HealthReport)(nil),          // 3: gpusched.v1.HealthReport
+	(*MockInjectResult)(nil),      // 4: gpusched.v1.MockInjectResult
+	(*MockInject)(nil),            // 5: gpusched.v1.MockInject
+	(*AgentHello)(nil),            // 6: gpusched.v1.AgentHello
+	(*HeldLease)(nil),             // 7: gpusched.v1.HeldLease
+	(*Heartbeat)(nil),             // 8: gpusched.v1.Heartbeat
+	(*LeaseStarted)(nil),          // 9: gpusched.v1.LeaseStarted
+	(*LeaseExited)(nil),           // 10: gpusched.v1.LeaseExited
+	(*LeaseReleased)(nil),         // 11: gpusched.v1.LeaseReleased
+	(*LogChunk)(nil),              // 12: gpusched.v1.LogChunk
+	(*Welcome)(nil),               // 13: gpusched.v1.Welcome
+	(*StartLease)(nil),            // 14: gpusched.v1.StartLease
+	(*ReleaseLease)(nil),          // 15: gpusched.v1.ReleaseLease
+	(*FetchLogs)(nil),             // 16: gpusched.v1.FetchLogs
+	nil,                           // 17: gpusched.v1.AgentHello.LabelsEntry
+	nil,                           // 18: gpusched.v1.StartLease.EnvEntry
+	(*NodeEvent)(nil),             // 19: gpusched.v1.NodeEvent
+	(*timestamppb.Timestamp)(nil), // 20: google.protobuf.Timestamp
+	(*GpuSample)(nil),             // 21: gpusched.v1.GpuSample
+	(*Inventory)(nil),             // 22: gpusched.v1.Inventory
+	(*durationpb.Duration)(nil),   // 23: google.protobuf.Duration
 }
 var file_gpusched_v1_agent_service_proto_depIdxs = []int32{
-	2,  // 0: gpusched.v1.ConnectRequest.hello:type_name -> gpusched.v1.AgentHello
-	4,  // 1: gpusched.v1.ConnectRequest.heartbeat:type_name -> gpusched.v1.Heartbeat
-	5,  // 2: gpusched.v1.ConnectRequest.lease_started:type_name -> gpusched.v1.LeaseStarted
-	6,  // 3: gpusched.v1.ConnectRequest.lease_exited:type_name -> gpusched.v1.LeaseExited
-	7,  // 4: gpusched.v1.ConnectRequest.lease_released:type_name -> gpusched.v1.LeaseReleased
-	8,  // 5: gpusched.v1.ConnectRequest.log_chunk:type_name -> gpusched.v1.LogChunk
-	9,  // 6: gpusched.v1.ConnectResponse.welcome:type_name -> gpusched.v1.Welcome
-	10, // 7: gpusched.v1.ConnectResponse.start_lease:type_name -> gpusched.v1.StartLease
-	11, // 8: gpusched.v1.ConnectResponse.release_lease:type_name -> gpusched.v1.ReleaseLease
-	12, // 9: gpusched.v1.ConnectResponse.fetch_logs:type_name -> gpusched.v1.FetchLogs
-	4,  // 10: gpusched.v1.ConnectResponse.heartbeat:type_name -> gpusched.v1.Heartbeat
-	15, // 11: gpusched.v1.AgentHello.inventory:type_name -> gpusched.v1.Inventory
-	13, // 12: gpusched.v1.AgentHello.labels:type_name -> gpusched.v1.AgentHello.LabelsEntry
-	3,  // 13: gpusched.v1.AgentHello.leases:type_name -> gpusched.v1.HeldLease
-	6,  // 14: gpusched.v1.HeldLease.exit:type_name -> gpusched.v1.LeaseExited
-	16, // 15: gpusched.v1.Welcome.heartbeat_interval:type_name -> google.protobuf.Duration
-	14, // 16: gpusched.v1.StartLease.env:type_name -> gpusched.v1.StartLease.EnvEntry
-	16, // 17: gpusched.v1.ReleaseLease.grace:type_name -> google.protobuf.Duration
-	0,  // 18: gpusched.v1.AgentService.Connect:input_type -> gpusched.v1.ConnectRequest
-	1,  // 19: gpusched.v1.AgentService.Connect:output_type -> gpusched.v1.ConnectResponse
-	19, // [19:20] is the sub-list for method output_type
-	18, // [18:19] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	6,  // 0: gpusched.v1.ConnectRequest.hello:type_name -> gpusched.v1.AgentHello
+	8,  // 1: gpusched.v1.ConnectRequest.heartbeat:type_name -> gpusched.v1.Heartbeat
+	9,  // 2: gpusched.v1.ConnectRequest.lease_started:type_name -> gpusched.v1.LeaseStarted
+	10, // 3: gpusched.v1.ConnectRequest.lease_exited:type_name -> gpusched.v1.LeaseExited
+	11, // 4: gpusched.v1.ConnectRequest.lease_released:type_name -> gpusched.v1.LeaseReleased
+	12, // 5: gpusched.v1.ConnectRequest.log_chunk:type_name -> gpusched.v1.LogChunk
+	2,  // 6: gpusched.v1.ConnectRequest.telemetry:type_name -> gpusched.v1.TelemetryBatch
+	19, // 7: gpusched.v1.ConnectRequest.node_event:type_name -> gpusched.v1.NodeEvent
+	3,  // 8: gpusched.v1.ConnectRequest.health:type_name -> gpusched.v1.HealthReport
+	4,  // 9: gpusched.v1.ConnectRequest.mock_inject_result:type_name -> gpusched.v1.MockInjectResult
+	13, // 10: gpusched.v1.ConnectResponse.welcome:type_name -> gpusched.v1.Welcome
+	14, // 11: gpusched.v1.ConnectResponse.start_lease:type_name -> gpusched.v1.StartLease
+	15, // 12: gpusched.v1.ConnectResponse.release_lease:type_name -> gpusched.v1.ReleaseLease
+	16, // 13: gpusched.v1.ConnectResponse.fetch_logs:type_name -> gpusched.v1.FetchLogs
+	8,  // 14: gpusched.v1.ConnectResponse.heartbeat:type_name -> gpusched.v1.Heartbeat
+	5,  // 15: gpusched.v1.ConnectResponse.mock_inject:type_name -> gpusched.v1.MockInject
+	20, // 16: gpusched.v1.TelemetryBatch.time:type_name -> google.protobuf.Timestamp
+	21, // 17: gpusched.v1.TelemetryBatch.samples:type_name -> gpusched.v1.GpuSample
+	22, // 18: gpusched.v1.AgentHello.inventory:type_name -> gpusched.v1.Inventory
+	17, // 19: gpusched.v1.AgentHello.labels:type_name -> gpusched.v1.AgentHello.LabelsEntry
+	7,  // 20: gpusched.v1.AgentHello.leases:type_name -> gpusched.v1.HeldLease
+	10, // 21: gpusched.v1.HeldLease.exit:type_name -> gpusched.v1.LeaseExited
+	23, // 22: gpusched.v1.Welcome.heartbeat_interval:type_name -> google.protobuf.Duration
+	18, // 23: gpusched.v1.StartLease.env:type_name -> gpusched.v1.StartLease.EnvEntry
+	23, // 24: gpusched.v1.ReleaseLease.grace:type_name -> google.protobuf.Duration
+	0,  // 25: gpusched.v1.AgentService.Connect:input_type -> gpusched.v1.ConnectRequest
+	1,  // 26: gpusched.v1.AgentService.Connect:output_type -> gpusched.v1.ConnectResponse
+	26, // [26:27] is the sub-list for method output_type
+	25, // [25:26] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_agent_service_proto_init() }
@@ -1176,6 +1617,10 @@ func file_gpusched_v1_agent_service_proto_init() {
 		(*ConnectRequest_LeaseExited)(nil),
 		(*ConnectRequest_LeaseReleased)(nil),
 		(*ConnectRequest_LogChunk)(nil),
+		(*ConnectRequest_Telemetry)(nil),
+		(*ConnectRequest_NodeEvent)(nil),
+		(*ConnectRequest_Health)(nil),
+		(*ConnectRequest_MockInjectResult)(nil),
 	}
 	file_gpusched_v1_agent_service_proto_msgTypes[1].OneofWrappers = []any{
 		(*ConnectResponse_Welcome)(nil),
@@ -1183,6 +1628,13 @@ func file_gpusched_v1_agent_service_proto_init() {
 		(*ConnectResponse_ReleaseLease)(nil),
 		(*ConnectResponse_FetchLogs)(nil),
 		(*ConnectResponse_Heartbeat)(nil),
+		(*ConnectResponse_MockInject)(nil),
+	}
+	file_gpusched_v1_agent_service_proto_msgTypes[5].OneofWrappers = []any{
+		(*MockInject_Xid)(nil),
+		(*MockInject_EccDoubleBit)(nil),
+		(*MockInject_GpuProcess)(nil),
+		(*MockInject_Clear)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1190,7 +1642,7 @@ func file_gpusched_v1_agent_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_agent_service_proto_rawDesc), len(file_gpusched_v1_agent_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

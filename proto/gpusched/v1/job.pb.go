@@ -324,7 +324,10 @@ type Job struct {
 	// Number of leases granted so far (1 for a job that ran once).
 	Attempts int32 `protobuf:"varint,12,opt,name=attempts,proto3" json:"attempts,omitempty"`
 	// Times the job was requeued after losing a node.
-	Retries       int32 `protobuf:"varint,13,opt,name=retries,proto3" json:"retries,omitempty"`
+	Retries int32 `protobuf:"varint,13,opt,name=retries,proto3" json:"retries,omitempty"`
+	// Events on the nodes of its leases while they held them (foreign GPU
+	// processes, XIDs, ...), oldest first (bounded).
+	Events        []*NodeEvent `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -450,11 +453,18 @@ func (x *Job) GetRetries() int32 {
 	return 0
 }
 
+func (x *Job) GetEvents() []*NodeEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
 var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
-	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xff\x02\n" +
+	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xff\x02\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x14\n" +
@@ -477,7 +487,7 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06signal\x18\x04 \x01(\tR\x06signal\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12.\n" +
-	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x88\x04\n" +
+	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xb8\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12+\n" +
@@ -494,7 +504,8 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12+\n" +
 	"\x05exits\x18\v \x03(\v2\x15.gpusched.v1.NodeExitR\x05exits\x12\x1a\n" +
 	"\battempts\x18\f \x01(\x05R\battempts\x12\x18\n" +
-	"\aretries\x18\r \x01(\x05R\aretries*\xcd\x01\n" +
+	"\aretries\x18\r \x01(\x05R\aretries\x12.\n" +
+	"\x06events\x18\x0e \x03(\v2\x16.gpusched.v1.NodeEventR\x06events*\xcd\x01\n" +
 	"\bJobState\x12\x19\n" +
 	"\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11JOB_STATE_PENDING\x10\x01\x12\x17\n" +
@@ -528,6 +539,7 @@ var file_gpusched_v1_job_proto_goTypes = []any{
 	nil,                           // 4: gpusched.v1.JobSpec.EnvEntry
 	(*durationpb.Duration)(nil),   // 5: google.protobuf.Duration
 	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
+	(*NodeEvent)(nil),             // 7: gpusched.v1.NodeEvent
 }
 var file_gpusched_v1_job_proto_depIdxs = []int32{
 	4,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
@@ -540,11 +552,12 @@ var file_gpusched_v1_job_proto_depIdxs = []int32{
 	6,  // 7: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
 	6,  // 8: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
 	2,  // 9: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	7,  // 10: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_job_proto_init() }
@@ -552,6 +565,7 @@ func file_gpusched_v1_job_proto_init() {
 	if File_gpusched_v1_job_proto != nil {
 		return
 	}
+	file_gpusched_v1_node_proto_init()
 	file_gpusched_v1_job_proto_msgTypes[0].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

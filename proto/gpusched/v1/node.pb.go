@@ -94,6 +94,79 @@ func (NodeState) EnumDescriptor() ([]byte, []int) {
 	return file_gpusched_v1_node_proto_rawDescGZIP(), []int{0}
 }
 
+// NodeEventKind says what happened on a node.
+type NodeEventKind int32
+
+const (
+	NodeEventKind_NODE_EVENT_KIND_UNSPECIFIED NodeEventKind = 0
+	// A process that does not belong to the lease (or any process on an idle
+	// node) used a GPU.
+	NodeEventKind_NODE_EVENT_KIND_FOREIGN_PROCESS NodeEventKind = 1
+	// An XID error was reported; see xid and the message for its severity.
+	NodeEventKind_NODE_EVENT_KIND_XID NodeEventKind = 2
+	// An uncorrectable (double-bit) ECC error.
+	NodeEventKind_NODE_EVENT_KIND_ECC_DBE NodeEventKind = 3
+	// The check before a lease starts failed.
+	NodeEventKind_NODE_EVENT_KIND_PRE_LEASE_CHECK_FAILED NodeEventKind = 4
+	// Cleanup after a lease failed.
+	NodeEventKind_NODE_EVENT_KIND_CLEANUP_FAILED NodeEventKind = 5
+	// The node became UNHEALTHY.
+	NodeEventKind_NODE_EVENT_KIND_UNHEALTHY NodeEventKind = 6
+	// The node passed its re-check and is healthy again.
+	NodeEventKind_NODE_EVENT_KIND_RECOVERED NodeEventKind = 7
+)
+
+// Enum value maps for NodeEventKind.
+var (
+	NodeEventKind_name = map[int32]string{
+		0: "NODE_EVENT_KIND_UNSPECIFIED",
+		1: "NODE_EVENT_KIND_FOREIGN_PROCESS",
+		2: "NODE_EVENT_KIND_XID",
+		3: "NODE_EVENT_KIND_ECC_DBE",
+		4: "NODE_EVENT_KIND_PRE_LEASE_CHECK_FAILED",
+		5: "NODE_EVENT_KIND_CLEANUP_FAILED",
+		6: "NODE_EVENT_KIND_UNHEALTHY",
+		7: "NODE_EVENT_KIND_RECOVERED",
+	}
+	NodeEventKind_value = map[string]int32{
+		"NODE_EVENT_KIND_UNSPECIFIED":            0,
+		"NODE_EVENT_KIND_FOREIGN_PROCESS":        1,
+		"NODE_EVENT_KIND_XID":                    2,
+		"NODE_EVENT_KIND_ECC_DBE":                3,
+		"NODE_EVENT_KIND_PRE_LEASE_CHECK_FAILED": 4,
+		"NODE_EVENT_KIND_CLEANUP_FAILED":         5,
+		"NODE_EVENT_KIND_UNHEALTHY":              6,
+		"NODE_EVENT_KIND_RECOVERED":              7,
+	}
+)
+
+func (x NodeEventKind) Enum() *NodeEventKind {
+	p := new(NodeEventKind)
+	*p = x
+	return p
+}
+
+func (x NodeEventKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NodeEventKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_gpusched_v1_node_proto_enumTypes[1].Descriptor()
+}
+
+func (NodeEventKind) Type() protoreflect.EnumType {
+	return &file_gpusched_v1_node_proto_enumTypes[1]
+}
+
+func (x NodeEventKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use NodeEventKind.Descriptor instead.
+func (NodeEventKind) EnumDescriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_proto_rawDescGZIP(), []int{1}
+}
+
 // Gpu is one GPU of a node, as NVML reports it.
 type Gpu struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -290,7 +363,9 @@ type Node struct {
 	// The state shows DRAINING while a lease still holds it, then DRAINED.
 	Drain bool `protobuf:"varint,11,opt,name=drain,proto3" json:"drain,omitempty"`
 	// Why the operator drained it.
-	DrainReason   string `protobuf:"bytes,12,opt,name=drain_reason,json=drainReason,proto3" json:"drain_reason,omitempty"`
+	DrainReason string `protobuf:"bytes,12,opt,name=drain_reason,json=drainReason,proto3" json:"drain_reason,omitempty"`
+	// Recent events on the node, oldest first (bounded).
+	Events        []*NodeEvent `protobuf:"bytes,13,rep,name=events,proto3" json:"events,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -409,6 +484,305 @@ func (x *Node) GetDrainReason() string {
 	return ""
 }
 
+func (x *Node) GetEvents() []*NodeEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+// NodeEvent is something that happened on a node worth an operator's (and
+// the lease holder's) attention.
+type NodeEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
+	Kind  NodeEventKind          `protobuf:"varint,2,opt,name=kind,proto3,enum=gpusched.v1.NodeEventKind" json:"kind,omitempty"`
+	// Node it happened on.
+	Node string `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	// GPU index, or -1 when the event concerns the whole node.
+	Gpu int32 `protobuf:"varint,4,opt,name=gpu,proto3" json:"gpu,omitempty"`
+	// Lease holding the node when it happened, if any.
+	LeaseId string `protobuf:"bytes,5,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Process involved (foreign process events).
+	Pid uint32 `protobuf:"varint,6,opt,name=pid,proto3" json:"pid,omitempty"`
+	// XID number (XID events).
+	Xid uint64 `protobuf:"varint,7,opt,name=xid,proto3" json:"xid,omitempty"`
+	// What the agent did: "killed", "reported", "drained", ...
+	Action        string `protobuf:"bytes,8,opt,name=action,proto3" json:"action,omitempty"`
+	Message       string `protobuf:"bytes,9,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeEvent) Reset() {
+	*x = NodeEvent{}
+	mi := &file_gpusched_v1_node_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeEvent) ProtoMessage() {}
+
+func (x *NodeEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeEvent.ProtoReflect.Descriptor instead.
+func (*NodeEvent) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *NodeEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *NodeEvent) GetKind() NodeEventKind {
+	if x != nil {
+		return x.Kind
+	}
+	return NodeEventKind_NODE_EVENT_KIND_UNSPECIFIED
+}
+
+func (x *NodeEvent) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *NodeEvent) GetGpu() int32 {
+	if x != nil {
+		return x.Gpu
+	}
+	return 0
+}
+
+func (x *NodeEvent) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *NodeEvent) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *NodeEvent) GetXid() uint64 {
+	if x != nil {
+		return x.Xid
+	}
+	return 0
+}
+
+func (x *NodeEvent) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *NodeEvent) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+// GpuSample is one GPU's telemetry at one moment. Field names follow the
+// dcgm-exporter metrics they match (DCGM_FI_DEV_GPU_UTIL, ...).
+type GpuSample struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Gpu   int32                  `protobuf:"varint,1,opt,name=gpu,proto3" json:"gpu,omitempty"`
+	Uuid  string                 `protobuf:"bytes,2,opt,name=uuid,proto3" json:"uuid,omitempty"`
+	// DCGM_FI_DEV_GPU_UTIL, percent.
+	GpuUtil uint32 `protobuf:"varint,3,opt,name=gpu_util,json=gpuUtil,proto3" json:"gpu_util,omitempty"`
+	// DCGM_FI_DEV_MEM_COPY_UTIL, percent.
+	MemCopyUtil uint32 `protobuf:"varint,4,opt,name=mem_copy_util,json=memCopyUtil,proto3" json:"mem_copy_util,omitempty"`
+	// DCGM_FI_DEV_FB_USED / DCGM_FI_DEV_FB_FREE, bytes.
+	FbUsedBytes uint64 `protobuf:"varint,5,opt,name=fb_used_bytes,json=fbUsedBytes,proto3" json:"fb_used_bytes,omitempty"`
+	FbFreeBytes uint64 `protobuf:"varint,6,opt,name=fb_free_bytes,json=fbFreeBytes,proto3" json:"fb_free_bytes,omitempty"`
+	// DCGM_FI_DEV_GPU_TEMP, degrees C.
+	GpuTemp uint32 `protobuf:"varint,7,opt,name=gpu_temp,json=gpuTemp,proto3" json:"gpu_temp,omitempty"`
+	// DCGM_FI_DEV_POWER_USAGE, milliwatts.
+	PowerUsageMilliwatts uint32 `protobuf:"varint,8,opt,name=power_usage_milliwatts,json=powerUsageMilliwatts,proto3" json:"power_usage_milliwatts,omitempty"`
+	// DCGM_FI_DEV_SM_CLOCK / DCGM_FI_DEV_MEM_CLOCK, MHz.
+	SmClockMhz  uint32 `protobuf:"varint,9,opt,name=sm_clock_mhz,json=smClockMhz,proto3" json:"sm_clock_mhz,omitempty"`
+	MemClockMhz uint32 `protobuf:"varint,10,opt,name=mem_clock_mhz,json=memClockMhz,proto3" json:"mem_clock_mhz,omitempty"`
+	// DCGM_FI_DEV_CLOCK_THROTTLE_REASONS, NVML bit mask.
+	ClockThrottleReasons uint64 `protobuf:"varint,11,opt,name=clock_throttle_reasons,json=clockThrottleReasons,proto3" json:"clock_throttle_reasons,omitempty"`
+	// DCGM_FI_DEV_ECC_SBE_VOL_TOTAL / DCGM_FI_DEV_ECC_DBE_VOL_TOTAL.
+	EccSbeVolatile uint64 `protobuf:"varint,12,opt,name=ecc_sbe_volatile,json=eccSbeVolatile,proto3" json:"ecc_sbe_volatile,omitempty"`
+	EccDbeVolatile uint64 `protobuf:"varint,13,opt,name=ecc_dbe_volatile,json=eccDbeVolatile,proto3" json:"ecc_dbe_volatile,omitempty"`
+	// DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS / UNCORRECTABLE_REMAPPED_ROWS.
+	RemappedRowsCorrectable   uint32 `protobuf:"varint,14,opt,name=remapped_rows_correctable,json=remappedRowsCorrectable,proto3" json:"remapped_rows_correctable,omitempty"`
+	RemappedRowsUncorrectable uint32 `protobuf:"varint,15,opt,name=remapped_rows_uncorrectable,json=remappedRowsUncorrectable,proto3" json:"remapped_rows_uncorrectable,omitempty"`
+	// DCGM_FI_DEV_XID_ERRORS: the last XID seen on this GPU, 0 if none.
+	LastXid       uint64 `protobuf:"varint,16,opt,name=last_xid,json=lastXid,proto3" json:"last_xid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GpuSample) Reset() {
+	*x = GpuSample{}
+	mi := &file_gpusched_v1_node_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GpuSample) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GpuSample) ProtoMessage() {}
+
+func (x *GpuSample) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GpuSample.ProtoReflect.Descriptor instead.
+func (*GpuSample) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *GpuSample) GetGpu() int32 {
+	if x != nil {
+		return x.Gpu
+	}
+	return 0
+}
+
+func (x *GpuSample) GetUuid() string {
+	if x != nil {
+		return x.Uuid
+	}
+	return ""
+}
+
+func (x *GpuSample) GetGpuUtil() uint32 {
+	if x != nil {
+		return x.GpuUtil
+	}
+	return 0
+}
+
+func (x *GpuSample) GetMemCopyUtil() uint32 {
+	if x != nil {
+		return x.MemCopyUtil
+	}
+	return 0
+}
+
+func (x *GpuSample) GetFbUsedBytes() uint64 {
+	if x != nil {
+		return x.FbUsedBytes
+	}
+	return 0
+}
+
+func (x *GpuSample) GetFbFreeBytes() uint64 {
+	if x != nil {
+		return x.FbFreeBytes
+	}
+	return 0
+}
+
+func (x *GpuSample) GetGpuTemp() uint32 {
+	if x != nil {
+		return x.GpuTemp
+	}
+	return 0
+}
+
+func (x *GpuSample) GetPowerUsageMilliwatts() uint32 {
+	if x != nil {
+		return x.PowerUsageMilliwatts
+	}
+	return 0
+}
+
+func (x *GpuSample) GetSmClockMhz() uint32 {
+	if x != nil {
+		return x.SmClockMhz
+	}
+	return 0
+}
+
+func (x *GpuSample) GetMemClockMhz() uint32 {
+	if x != nil {
+		return x.MemClockMhz
+	}
+	return 0
+}
+
+func (x *GpuSample) GetClockThrottleReasons() uint64 {
+	if x != nil {
+		return x.ClockThrottleReasons
+	}
+	return 0
+}
+
+func (x *GpuSample) GetEccSbeVolatile() uint64 {
+	if x != nil {
+		return x.EccSbeVolatile
+	}
+	return 0
+}
+
+func (x *GpuSample) GetEccDbeVolatile() uint64 {
+	if x != nil {
+		return x.EccDbeVolatile
+	}
+	return 0
+}
+
+func (x *GpuSample) GetRemappedRowsCorrectable() uint32 {
+	if x != nil {
+		return x.RemappedRowsCorrectable
+	}
+	return 0
+}
+
+func (x *GpuSample) GetRemappedRowsUncorrectable() uint32 {
+	if x != nil {
+		return x.RemappedRowsUncorrectable
+	}
+	return 0
+}
+
+func (x *GpuSample) GetLastXid() uint64 {
+	if x != nil {
+		return x.LastXid
+	}
+	return 0
+}
+
 var File_gpusched_v1_node_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_node_proto_rawDesc = "" +
@@ -428,7 +802,7 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	"\x04gpus\x18\x04 \x03(\v2\x10.gpusched.v1.GpuR\x04gpus\x12%\n" +
 	"\x0edriver_version\x18\x05 \x01(\tR\rdriverVersion\x12!\n" +
 	"\fcuda_version\x18\x06 \x01(\tR\vcudaVersion\x12\x1a\n" +
-	"\bhostname\x18\a \x01(\tR\bhostname\"\xe8\x03\n" +
+	"\bhostname\x18\a \x01(\tR\bhostname\"\x98\x04\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x124\n" +
 	"\tinventory\x18\x02 \x01(\v2\x16.gpusched.v1.InventoryR\tinventory\x12,\n" +
@@ -442,10 +816,40 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	"\x06reason\x18\n" +
 	" \x01(\tR\x06reason\x12\x14\n" +
 	"\x05drain\x18\v \x01(\bR\x05drain\x12!\n" +
-	"\fdrain_reason\x18\f \x01(\tR\vdrainReason\x1a9\n" +
+	"\fdrain_reason\x18\f \x01(\tR\vdrainReason\x12.\n" +
+	"\x06events\x18\r \x03(\v2\x16.gpusched.v1.NodeEventR\x06events\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xcd\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x82\x02\n" +
+	"\tNodeEvent\x12.\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12.\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x1a.gpusched.v1.NodeEventKindR\x04kind\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\x12\x10\n" +
+	"\x03gpu\x18\x04 \x01(\x05R\x03gpu\x12\x19\n" +
+	"\blease_id\x18\x05 \x01(\tR\aleaseId\x12\x10\n" +
+	"\x03pid\x18\x06 \x01(\rR\x03pid\x12\x10\n" +
+	"\x03xid\x18\a \x01(\x04R\x03xid\x12\x16\n" +
+	"\x06action\x18\b \x01(\tR\x06action\x12\x18\n" +
+	"\amessage\x18\t \x01(\tR\amessage\"\xf0\x04\n" +
+	"\tGpuSample\x12\x10\n" +
+	"\x03gpu\x18\x01 \x01(\x05R\x03gpu\x12\x12\n" +
+	"\x04uuid\x18\x02 \x01(\tR\x04uuid\x12\x19\n" +
+	"\bgpu_util\x18\x03 \x01(\rR\agpuUtil\x12\"\n" +
+	"\rmem_copy_util\x18\x04 \x01(\rR\vmemCopyUtil\x12\"\n" +
+	"\rfb_used_bytes\x18\x05 \x01(\x04R\vfbUsedBytes\x12\"\n" +
+	"\rfb_free_bytes\x18\x06 \x01(\x04R\vfbFreeBytes\x12\x19\n" +
+	"\bgpu_temp\x18\a \x01(\rR\agpuTemp\x124\n" +
+	"\x16power_usage_milliwatts\x18\b \x01(\rR\x14powerUsageMilliwatts\x12 \n" +
+	"\fsm_clock_mhz\x18\t \x01(\rR\n" +
+	"smClockMhz\x12\"\n" +
+	"\rmem_clock_mhz\x18\n" +
+	" \x01(\rR\vmemClockMhz\x124\n" +
+	"\x16clock_throttle_reasons\x18\v \x01(\x04R\x14clockThrottleReasons\x12(\n" +
+	"\x10ecc_sbe_volatile\x18\f \x01(\x04R\x0eeccSbeVolatile\x12(\n" +
+	"\x10ecc_dbe_volatile\x18\r \x01(\x04R\x0eeccDbeVolatile\x12:\n" +
+	"\x19remapped_rows_correctable\x18\x0e \x01(\rR\x17remappedRowsCorrectable\x12>\n" +
+	"\x1bremapped_rows_uncorrectable\x18\x0f \x01(\rR\x19remappedRowsUncorrectable\x12\x19\n" +
+	"\blast_xid\x18\x10 \x01(\x04R\alastXid*\xcd\x01\n" +
 	"\tNodeState\x12\x1a\n" +
 	"\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10NODE_STATE_READY\x10\x01\x12\x15\n" +
@@ -454,7 +858,16 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	"\x13NODE_STATE_DRAINING\x10\x04\x12\x16\n" +
 	"\x12NODE_STATE_DRAINED\x10\x05\x12\x18\n" +
 	"\x14NODE_STATE_UNHEALTHY\x10\x06\x12\x13\n" +
-	"\x0fNODE_STATE_LOST\x10\aB\xa4\x01\n" +
+	"\x0fNODE_STATE_LOST\x10\a*\x99\x02\n" +
+	"\rNodeEventKind\x12\x1f\n" +
+	"\x1bNODE_EVENT_KIND_UNSPECIFIED\x10\x00\x12#\n" +
+	"\x1fNODE_EVENT_KIND_FOREIGN_PROCESS\x10\x01\x12\x17\n" +
+	"\x13NODE_EVENT_KIND_XID\x10\x02\x12\x1b\n" +
+	"\x17NODE_EVENT_KIND_ECC_DBE\x10\x03\x12*\n" +
+	"&NODE_EVENT_KIND_PRE_LEASE_CHECK_FAILED\x10\x04\x12\"\n" +
+	"\x1eNODE_EVENT_KIND_CLEANUP_FAILED\x10\x05\x12\x1d\n" +
+	"\x19NODE_EVENT_KIND_UNHEALTHY\x10\x06\x12\x1d\n" +
+	"\x19NODE_EVENT_KIND_RECOVERED\x10\aB\xa4\x01\n" +
 	"\x0fcom.gpusched.v1B\tNodeProtoP\x01Z9github.com/gpusched/gpusched/proto/gpusched/v1;gpuschedv1\xa2\x02\x03GXX\xaa\x02\vGpusched.V1\xca\x02\vGpusched\\V1\xe2\x02\x17Gpusched\\V1\\GPBMetadata\xea\x02\fGpusched::V1b\x06proto3"
 
 var (
@@ -469,27 +882,33 @@ func file_gpusched_v1_node_proto_rawDescGZIP() []byte {
 	return file_gpusched_v1_node_proto_rawDescData
 }
 
-var file_gpusched_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpusched_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_gpusched_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_gpusched_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_gpusched_v1_node_proto_goTypes = []any{
 	(NodeState)(0),                // 0: gpusched.v1.NodeState
-	(*Gpu)(nil),                   // 1: gpusched.v1.Gpu
-	(*Inventory)(nil),             // 2: gpusched.v1.Inventory
-	(*Node)(nil),                  // 3: gpusched.v1.Node
-	nil,                           // 4: gpusched.v1.Node.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
+	(NodeEventKind)(0),            // 1: gpusched.v1.NodeEventKind
+	(*Gpu)(nil),                   // 2: gpusched.v1.Gpu
+	(*Inventory)(nil),             // 3: gpusched.v1.Inventory
+	(*Node)(nil),                  // 4: gpusched.v1.Node
+	(*NodeEvent)(nil),             // 5: gpusched.v1.NodeEvent
+	(*GpuSample)(nil),             // 6: gpusched.v1.GpuSample
+	nil,                           // 7: gpusched.v1.Node.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
 }
 var file_gpusched_v1_node_proto_depIdxs = []int32{
-	1, // 0: gpusched.v1.Inventory.gpus:type_name -> gpusched.v1.Gpu
-	2, // 1: gpusched.v1.Node.inventory:type_name -> gpusched.v1.Inventory
+	2, // 0: gpusched.v1.Inventory.gpus:type_name -> gpusched.v1.Gpu
+	3, // 1: gpusched.v1.Node.inventory:type_name -> gpusched.v1.Inventory
 	0, // 2: gpusched.v1.Node.state:type_name -> gpusched.v1.NodeState
-	4, // 3: gpusched.v1.Node.labels:type_name -> gpusched.v1.Node.LabelsEntry
-	5, // 4: gpusched.v1.Node.register_time:type_name -> google.protobuf.Timestamp
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	7, // 3: gpusched.v1.Node.labels:type_name -> gpusched.v1.Node.LabelsEntry
+	8, // 4: gpusched.v1.Node.register_time:type_name -> google.protobuf.Timestamp
+	5, // 5: gpusched.v1.Node.events:type_name -> gpusched.v1.NodeEvent
+	8, // 6: gpusched.v1.NodeEvent.time:type_name -> google.protobuf.Timestamp
+	1, // 7: gpusched.v1.NodeEvent.kind:type_name -> gpusched.v1.NodeEventKind
+	8, // [8:8] is the sub-list for method output_type
+	8, // [8:8] is the sub-list for method input_type
+	8, // [8:8] is the sub-list for extension type_name
+	8, // [8:8] is the sub-list for extension extendee
+	0, // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_node_proto_init() }
@@ -502,8 +921,8 @@ func file_gpusched_v1_node_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_node_proto_rawDesc), len(file_gpusched_v1_node_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   4,
+			NumEnums:      2,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
