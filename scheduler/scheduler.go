@@ -16,6 +16,7 @@ import (
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/model"
 	"github.com/gpusched/gpusched/scheduler/store"
+	"github.com/gpusched/gpusched/scheduler/telemetry"
 )
 
 // Config configures a scheduler replica.
@@ -47,6 +48,9 @@ type Scheduler struct {
 	current atomic.Pointer[engine.Engine]
 	peers   peerConns
 	started time.Time
+	// telemetry outlives terms: a watcher keeps its stream when leaders
+	// change on another replica (it is forwarded), and history is per leader.
+	telemetry *telemetry.Hub
 }
 
 // New returns a replica; call Serve to run it.
@@ -60,7 +64,8 @@ func New(cfg Config) *Scheduler {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now()}
+	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now(),
+		telemetry: telemetry.New(0, 0)}
 }
 
 // Name is the replica's name in the election.
@@ -86,7 +91,7 @@ func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	defer s.peers.close()
 	srv := grpc.NewServer(api.ServerOptions(s.log)...)
-	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.leaderAddr, Status: s.Status})
+	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.leaderAddr, Status: s.Status, Telemetry: s.telemetry})
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	serveErr := make(chan error, 1)
@@ -164,7 +169,7 @@ func (s *Scheduler) term(ctx context.Context) error {
 		}
 	}()
 	ecfg := s.cfg.Engine
-	ecfg.Store, ecfg.Logger = s.store, s.log
+	ecfg.Store, ecfg.Logger, ecfg.Telemetry = s.store, s.log, s.telemetry.Publish
 	ecfg.Fence = store.Fence{Key: el.Key(), Revision: el.Rev()}
 	eng := engine.New(ecfg)
 	s.log.Info("elected leader", zap.String("replica", s.cfg.Name), zap.Int64("token", el.Rev()))

@@ -886,3 +886,102 @@ func TestDrainNowRequeuesTheJobWithoutSpendingARetry(t *testing.T) {
 	}
 	schedtest.WaitNodeState(t, c.Replica.Nodes, node, pb.NodeState_NODE_STATE_DRAINED)
 }
+
+func TestAnUnhealthyNodeRequeuesItsJobAndRecoversByItself(t *testing.T) {
+	c := cluster(t, 2, schedtest.AgentConfig{}, engine.Config{})
+	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	node := running.GetNodes()[0]
+	a := c.Agent(node)
+	xid := &pb.NodeEvent{Kind: pb.NodeEventKind_NODE_EVENT_KIND_XID, Gpu: 3, Xid: 79, Message: "XID 79 (fatal): GPU fell off the bus"}
+	if err := a.Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_NodeEvent{NodeEvent: xid}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Health{Health: &pb.HealthReport{Problems: []string{"GPU 3: fatal XID 79"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	n := schedtest.WaitNodeState(t, c.Replica.Nodes, node, pb.NodeState_NODE_STATE_UNHEALTHY)
+	if n.GetReason() != "unhealthy: GPU 3: fatal XID 79" {
+		t.Errorf("reason = %q", n.GetReason())
+	}
+	again := schedtest.WaitJob(t, c.Replica.Jobs, j.GetId(), "to be requeued onto the healthy node", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_RUNNING && j.GetAttempts() == 2
+	})
+	if again.GetNodes()[0] == node {
+		t.Errorf("requeued onto the unhealthy node %s", node)
+	}
+	// The XID is on the node and on the job whose lease held it.
+	kinds := func(evs []*pb.NodeEvent) (out []pb.NodeEventKind) {
+		for _, e := range evs {
+			out = append(out, e.GetKind())
+		}
+		return out
+	}
+	if got := kinds(again.GetEvents()); !slices.Contains(got, pb.NodeEventKind_NODE_EVENT_KIND_XID) {
+		t.Errorf("job events = %v; want the XID", got)
+	}
+	if err := a.Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Health{Health: &pb.HealthReport{Healthy: true}}}); err != nil {
+		t.Fatal(err)
+	}
+	n = schedtest.WaitNodeState(t, c.Replica.Nodes, node, pb.NodeState_NODE_STATE_READY)
+	if got := kinds(n.GetEvents()); !slices.Equal(got, []pb.NodeEventKind{
+		pb.NodeEventKind_NODE_EVENT_KIND_XID, pb.NodeEventKind_NODE_EVENT_KIND_UNHEALTHY, pb.NodeEventKind_NODE_EVENT_KIND_RECOVERED,
+	}) {
+		t.Errorf("node events = %v", got)
+	}
+}
+
+func TestTelemetryIsRelayedToWatchersWithItsLease(t *testing.T) {
+	c := cluster(t, 1, schedtest.AgentConfig{}, engine.Config{})
+	ctx, cancel := context.WithCancel(schedtest.Context(t))
+	defer cancel()
+	stream, err := pb.NewTelemetryServiceClient(c.Replica.Conn).WatchTelemetry(ctx, &pb.WatchTelemetryRequest{JobId: "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	for _, job := range []string{"", j.GetId()} { // only the second matches
+		b := &pb.TelemetryBatch{LeaseId: running.GetLeaseId(), JobId: job, Samples: []*pb.GpuSample{{Gpu: 0, GpuUtil: 97}, {Gpu: 1, GpuUtil: 95}}}
+		if err := c.Agents[0].Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Telemetry{Telemetry: b}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for want := range 2 {
+		r, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.GetNode() != "node-0" || r.GetJobId() != j.GetId() || r.GetSample().GetGpu() != int32(want) {
+			t.Errorf("sample %d = %v", want, r)
+		}
+	}
+}
+
+func TestFaultInjectionIsRelayedToTheAgent(t *testing.T) {
+	var got atomic.Uint64
+	c := cluster(t, 1, schedtest.AgentConfig{OnMockInject: func(_ *schedtest.Agent, m *pb.MockInject) string {
+		if m.GetXid() == 0 {
+			return "not a simulated node"
+		}
+		got.Store(m.GetXid())
+		return ""
+	}}, engine.Config{})
+	mock := pb.NewMockServiceClient(c.Replica.Conn)
+	ctx := schedtest.Context(t)
+	if _, err := mock.InjectFault(ctx, &pb.InjectFaultRequest{Node: "node-0", Gpu: 2, Fault: &pb.InjectFaultRequest_Xid{Xid: 79}}); err != nil || got.Load() != 79 {
+		t.Fatalf("inject xid 79: %v, agent saw %d", err, got.Load())
+	}
+	_, err := mock.InjectFault(ctx, &pb.InjectFaultRequest{Node: "node-0", Fault: &pb.InjectFaultRequest_Clear{Clear: true}})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "not a simulated node") {
+		t.Errorf("an agent's refusal = %v; want FailedPrecondition with its reason", err)
+	}
+	_, err = mock.InjectFault(ctx, &pb.InjectFaultRequest{Node: "node-0"})
+	if status.Code(err) != codes.InvalidArgument {
+		t.Errorf("no fault = %v; want InvalidArgument", err)
+	}
+	_, err = mock.InjectFault(ctx, &pb.InjectFaultRequest{Node: "nope", Fault: &pb.InjectFaultRequest_Xid{Xid: 13}})
+	if status.Code(err) != codes.NotFound {
+		t.Errorf("unknown node = %v; want NotFound", err)
+	}
+}

@@ -22,9 +22,10 @@ var errorCodes = []struct {
 	{engine.ErrAgentInvalid, codes.InvalidArgument},
 	{model.ErrNotFound, codes.NotFound},
 	{model.ErrJobEnded, codes.FailedPrecondition},
+	{model.ErrFailedPrecondition, codes.FailedPrecondition},
 	{model.ErrNotLeader, codes.Unavailable},
 	{model.ErrStopped, codes.Unavailable},
-	{model.ErrLogsUnavailable, codes.Unavailable},
+	{model.ErrNodeUnavailable, codes.Unavailable},
 	{context.Canceled, codes.Canceled},
 	{context.DeadlineExceeded, codes.DeadlineExceeded},
 }

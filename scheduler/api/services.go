@@ -14,6 +14,7 @@ import (
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/telemetry"
 	"github.com/gpusched/gpusched/scheduler/wire"
 )
 
@@ -33,6 +34,9 @@ type Backend struct {
 	// Status reports the replicas and the leader (ClusterService). Nil:
 	// the service is not registered.
 	Status func(ctx context.Context) (*pb.GetStatusResponse, error)
+	// Telemetry is the replica's telemetry hub (TelemetryService). Nil:
+	// the service is not registered.
+	Telemetry *telemetry.Hub
 }
 
 // Register adds every public service to srv.
@@ -43,6 +47,10 @@ func Register(srv *grpc.Server, b Backend) {
 	if b.Status != nil {
 		pb.RegisterClusterServiceServer(srv, &clusterServer{b: b})
 	}
+	if b.Telemetry != nil {
+		pb.RegisterTelemetryServiceServer(srv, &telemetryServer{b: b})
+	}
+	pb.RegisterMockServiceServer(srv, &mockServer{b: b})
 }
 
 // forwardedKey marks a call a follower forwarded, so it is never forwarded
@@ -284,6 +292,87 @@ var _ pb.ClusterServiceServer = (*clusterServer)(nil)
 func (s *clusterServer) GetStatus(ctx context.Context, _ *pb.GetStatusRequest) (*pb.GetStatusResponse, error) {
 	resp, err := s.b.Status(ctx)
 	return resp, toStatus(err)
+}
+
+// telemetryServer streams from the leader's hub (only the leader receives
+// agents' telemetry); a follower relays the leader's stream.
+type telemetryServer struct {
+	pb.UnimplementedTelemetryServiceServer
+	b Backend
+}
+
+var _ pb.TelemetryServiceServer = (*telemetryServer)(nil)
+
+func (s *telemetryServer) WatchTelemetry(req *pb.WatchTelemetryRequest, stream grpc.ServerStreamingServer[pb.WatchTelemetryResponse]) error {
+	ctx := stream.Context()
+	for i, n := range req.GetNodes() {
+		if err := model.ValidateID(fieldIndex("nodes", i), n); err != nil {
+			return toStatus(err)
+		}
+	}
+	if req.GetJobId() != "" {
+		if err := model.ValidateID("job_id", req.GetJobId()); err != nil {
+			return toStatus(err)
+		}
+	}
+	_, err := call(ctx, s.b, func(*engine.Engine) (struct{}, error) {
+		f := telemetry.Filter{Nodes: req.GetNodes(), JobID: req.GetJobId(), LiveOnly: req.GetLiveOnly()}
+		err := s.b.Telemetry.Watch(ctx, f, stream.Send)
+		if errors.Is(err, context.Canceled) && ctx.Err() != nil {
+			err = nil // the client hung up
+		}
+		return struct{}{}, err
+	}, func(ctx context.Context, conn *grpc.ClientConn) (struct{}, error) {
+		up, err := pb.NewTelemetryServiceClient(conn).WatchTelemetry(ctx, req)
+		if err != nil {
+			return struct{}{}, err
+		}
+		for {
+			r, err := up.Recv()
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					err = nil
+				}
+				return struct{}{}, err
+			}
+			if err := stream.Send(r); err != nil {
+				return struct{}{}, err
+			}
+		}
+	})
+	return err
+}
+
+// mockServer relays fault injection to simulated nodes.
+type mockServer struct {
+	pb.UnimplementedMockServiceServer
+	b Backend
+}
+
+var _ pb.MockServiceServer = (*mockServer)(nil)
+
+func (s *mockServer) InjectFault(ctx context.Context, req *pb.InjectFaultRequest) (*pb.InjectFaultResponse, error) {
+	inj := &pb.MockInject{Gpu: req.GetGpu()}
+	switch f := req.GetFault().(type) {
+	case *pb.InjectFaultRequest_Xid:
+		inj.Fault = &pb.MockInject_Xid{Xid: f.Xid}
+	case *pb.InjectFaultRequest_EccDoubleBit:
+		inj.Fault = &pb.MockInject_EccDoubleBit{EccDoubleBit: f.EccDoubleBit}
+	case *pb.InjectFaultRequest_GpuProcess:
+		inj.Fault = &pb.MockInject_GpuProcess{GpuProcess: f.GpuProcess}
+	case *pb.InjectFaultRequest_Clear:
+		inj.Fault = &pb.MockInject_Clear{Clear: f.Clear}
+	default:
+		return nil, toStatus(&model.ValidationError{Violations: []model.FieldViolation{{Field: "fault", Description: "one of xid, ecc_double_bit, gpu_process or clear is required"}}})
+	}
+	if req.GetGpu() < -1 || req.GetGpu() > model.MaxGPUsPerNode {
+		return nil, toStatus(&model.ValidationError{Violations: []model.FieldViolation{{Field: "gpu", Description: "must be a GPU index, or -1 for the whole node"}}})
+	}
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.InjectFaultResponse, error) {
+		return &pb.InjectFaultResponse{}, eng.MockInject(ctx, req.GetNode(), inj)
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.InjectFaultResponse, error) {
+		return pb.NewMockServiceClient(conn).InjectFault(ctx, req)
+	})
 }
 
 func fieldIndex(field string, i int) string {

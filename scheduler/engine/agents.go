@@ -38,6 +38,8 @@ type agentConn struct {
 	nextReq atomic.Uint64
 	mu      sync.Mutex
 	logReqs map[uint64]chan *pb.LogChunk
+	// injectReqs wait for MockInjectResult answers.
+	injectReqs map[uint64]chan *pb.MockInjectResult
 }
 
 // ErrAgentInvalid: the agent broke the protocol (e.g. no hello first).
@@ -61,6 +63,7 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	c := &agentConn{
 		node: hello.GetNodeId(), out: make(chan *pb.ConnectResponse, sendBuffer),
 		cancel: cancel, ctx: ctx, logReqs: map[uint64]chan *pb.LogChunk{},
+		injectReqs: map[uint64]chan *pb.MockInjectResult{},
 	}
 	if err := e.post(ctx, &helloEvent{conn: c, hello: hello}); err != nil {
 		return err
@@ -112,6 +115,18 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 			lastRecv.Store(time.Now().UnixNano())
 			if chunk := msg.GetLogChunk(); chunk != nil {
 				c.deliverLog(chunk)
+				continue
+			}
+			// Telemetry is high-rate and changes no state: it bypasses the
+			// loop and goes straight to the telemetry hub.
+			if b := msg.GetTelemetry(); b != nil {
+				if e.cfg.Telemetry != nil {
+					e.cfg.Telemetry(c.node, b)
+				}
+				continue
+			}
+			if r := msg.GetMockInjectResult(); r != nil {
+				c.deliverInject(r)
 				continue
 			}
 			if msg.GetHeartbeat() != nil {
@@ -313,6 +328,10 @@ func (ev *agentEvent) apply(e *Engine) {
 			e.log.Warn("node unhealthy after cleanup", zap.String("node", n.node.ID), zap.String("lease_id", r.GetLeaseId()), zap.String("reason", r.GetMessage()))
 		}
 		e.needCycle = true
+	case *pb.ConnectRequest_NodeEvent:
+		e.nodeEvent(n, wire.EventFromProto(m.NodeEvent))
+	case *pb.ConnectRequest_Health:
+		e.health(n, m.Health.GetHealthy(), m.Health.GetProblems())
 	}
 }
 

@@ -36,6 +36,9 @@ type Config struct {
 	CommitTimeout time.Duration
 	// MaxBatch bounds how many events one loop turn applies. Default 4096.
 	MaxBatch int
+	// Telemetry receives every telemetry batch an agent reports (the
+	// replica's telemetry hub). Nil drops telemetry.
+	Telemetry func(node string, b *pb.TelemetryBatch)
 }
 
 func (c *Config) setDefaults() {

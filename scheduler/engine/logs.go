@@ -39,7 +39,7 @@ func (e *Engine) JobLogs(ctx context.Context, id string, sink LogSink) error {
 		}
 		e.mu.RUnlock()
 		if c == nil {
-			return model.Errorf(model.ErrLogsUnavailable, "logs unavailable: node %s is not connected", ln.Node)
+			return model.Errorf(model.ErrNodeUnavailable, "logs unavailable: node %s is not connected", ln.Node)
 		}
 		if err := c.fetchLogs(ctx, e.Token(), lease.ID, func(b []byte) error { return sink(ln.Node, ln.Rank, b) }); err != nil {
 			return fmt.Errorf("node %s: %w", ln.Node, err)
@@ -55,7 +55,7 @@ func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, fn
 	c.mu.Lock()
 	if c.logReqs == nil {
 		c.mu.Unlock()
-		return fmt.Errorf("stream closed: %w", model.ErrLogsUnavailable)
+		return fmt.Errorf("stream closed: %w", model.ErrNodeUnavailable)
 	}
 	c.logReqs[id] = ch
 	c.mu.Unlock()
@@ -70,16 +70,16 @@ func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, fn
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-c.ctx.Done():
-		return fmt.Errorf("stream closed: %w", model.ErrLogsUnavailable)
+		return fmt.Errorf("stream closed: %w", model.ErrNodeUnavailable)
 	}
 	for {
 		select {
 		case chunk, ok := <-ch:
 			if !ok {
-				return fmt.Errorf("stream closed: %w", model.ErrLogsUnavailable)
+				return fmt.Errorf("stream closed: %w", model.ErrNodeUnavailable)
 			}
 			if chunk.GetError() != "" {
-				return fmt.Errorf("%s: %w", chunk.GetError(), model.ErrLogsUnavailable)
+				return fmt.Errorf("%s: %w", chunk.GetError(), model.ErrNodeUnavailable)
 			}
 			if len(chunk.GetData()) > 0 {
 				if err := fn(chunk.GetData()); err != nil {
@@ -121,4 +121,9 @@ func (c *agentConn) failLogRequests() {
 		delete(c.logReqs, id)
 	}
 	c.logReqs = nil
+	for id, ch := range c.injectReqs {
+		close(ch)
+		delete(c.injectReqs, id)
+	}
+	c.injectReqs = nil
 }

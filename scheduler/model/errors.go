@@ -19,8 +19,12 @@ var (
 	ErrNotLeader = errors.New("scheduler: not leader")
 	// ErrStopped: the scheduler is shutting down or its term ended.
 	ErrStopped = errors.New("scheduler: stopped")
-	// ErrLogsUnavailable: the agent holding a job's logs is not connected.
-	ErrLogsUnavailable = errors.New("scheduler: logs unavailable")
+	// ErrNodeUnavailable: the agent holding a job's logs (or a node asked
+	// for something) is not connected.
+	ErrNodeUnavailable = errors.New("scheduler: node unavailable")
+	// ErrFailedPrecondition: the request is valid but cannot apply to the
+	// target as it is (e.g. fault injection on real hardware).
+	ErrFailedPrecondition = errors.New("scheduler: failed precondition")
 )
 
 // detailed is an error whose message is written for humans ("job 9 not

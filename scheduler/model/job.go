@@ -80,6 +80,8 @@ type Job struct {
 	Attempts     int
 	// Retries counts requeues after a lost node.
 	Retries int
+	// Events on its leases' nodes while they held them, oldest first.
+	Events []NodeEvent
 }
 
 // Clone returns a deep copy, so snapshots handed out of the scheduler's loop
@@ -95,5 +97,6 @@ func (j *Job) Clone() *Job {
 	}
 	c.Nodes = append([]string(nil), j.Nodes...)
 	c.Exits = append([]NodeExit(nil), j.Exits...)
+	c.Events = append([]NodeEvent(nil), j.Events...)
 	return &c
 }

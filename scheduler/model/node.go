@@ -64,6 +64,8 @@ type Node struct {
 	// Drain is the operator's wish that the node take no new lease.
 	Drain       bool
 	DrainReason string
+	// Events are the node's recent events, oldest first.
+	Events []NodeEvent
 	// Connected is in-memory only: whether the agent's stream is up now.
 	Connected bool
 }
@@ -72,6 +74,7 @@ type Node struct {
 func (n *Node) Clone() *Node {
 	c := *n
 	c.Inventory.GPUs = append([]GPU(nil), n.Inventory.GPUs...)
+	c.Events = append([]NodeEvent(nil), n.Events...)
 	if n.Labels != nil {
 		c.Labels = make(map[string]string, len(n.Labels))
 		for k, v := range n.Labels {

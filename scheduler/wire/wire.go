@@ -89,6 +89,7 @@ func JobToProto(j *model.Job) *pb.Job {
 		EndTime:      ts(j.EndTime),
 		Attempts:     int32(j.Attempts),
 		Retries:      int32(j.Retries),
+		Events:       eventsToProto(j.Events),
 	}
 	for _, e := range j.Exits {
 		out.Exits = append(out.Exits, &pb.NodeExit{
@@ -115,6 +116,7 @@ func JobFromProto(p *pb.Job) *model.Job {
 		EndTime:      fromTS(p.GetEndTime()),
 		Attempts:     int(p.GetAttempts()),
 		Retries:      int(p.GetRetries()),
+		Events:       eventsFromProto(p.GetEvents()),
 	}
 	for _, e := range p.GetExits() {
 		j.Exits = append(j.Exits, model.NodeExit{
@@ -178,6 +180,7 @@ func NodeToProto(n *model.Node) *pb.Node {
 		Reason:       n.Reason,
 		Drain:        n.Drain,
 		DrainReason:  n.DrainReason,
+		Events:       eventsToProto(n.Events),
 	}
 }
 
@@ -196,6 +199,7 @@ func NodeFromProto(p *pb.Node) *model.Node {
 		Reason:       p.GetReason(),
 		Drain:        p.GetDrain(),
 		DrainReason:  p.GetDrainReason(),
+		Events:       eventsFromProto(p.GetEvents()),
 	}
 }
 
@@ -242,4 +246,36 @@ func LeaseFromProto(p *pb.Lease) *model.Lease {
 		})
 	}
 	return l
+}
+
+// EventToProto converts a node event.
+func EventToProto(e model.NodeEvent) *pb.NodeEvent {
+	return &pb.NodeEvent{
+		Time: ts(e.Time), Kind: pb.NodeEventKind(e.Kind), Node: e.Node, Gpu: int32(e.GPU),
+		LeaseId: e.LeaseID, Pid: e.PID, Xid: e.XID, Action: e.Action, Message: e.Message,
+	}
+}
+
+// EventFromProto converts a node event.
+func EventFromProto(p *pb.NodeEvent) model.NodeEvent {
+	return model.NodeEvent{
+		Time: fromTS(p.GetTime()), Kind: model.NodeEventKind(p.GetKind()), Node: p.GetNode(), GPU: int(p.GetGpu()),
+		LeaseID: p.GetLeaseId(), PID: p.GetPid(), XID: p.GetXid(), Action: p.GetAction(), Message: p.GetMessage(),
+	}
+}
+
+func eventsToProto(es []model.NodeEvent) []*pb.NodeEvent {
+	var out []*pb.NodeEvent
+	for _, e := range es {
+		out = append(out, EventToProto(e))
+	}
+	return out
+}
+
+func eventsFromProto(ps []*pb.NodeEvent) []model.NodeEvent {
+	var out []model.NodeEvent
+	for _, p := range ps {
+		out = append(out, EventFromProto(p))
+	}
+	return out
 }

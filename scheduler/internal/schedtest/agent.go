@@ -37,6 +37,9 @@ type AgentConfig struct {
 	OnRelease func(a *Agent, m *pb.ReleaseLease)
 	// OnFetchLogs handles FetchLogs. Default: an empty log (EOF at once).
 	OnFetchLogs func(a *Agent, m *pb.FetchLogs)
+	// OnMockInject handles MockInject and returns the error to answer
+	// ("" for success). Default: success.
+	OnMockInject func(a *Agent, m *pb.MockInject) string
 }
 
 // ExitAtOnce is an OnStart that reports the command started and then
@@ -311,6 +314,14 @@ func (a *Agent) handle(cmd *pb.ConnectResponse) {
 		} else {
 			a.Release(m.ReleaseLease.GetLeaseId(), true, "")
 		}
+	case *pb.ConnectResponse_MockInject:
+		answer := ""
+		if a.cfg.OnMockInject != nil {
+			answer = a.cfg.OnMockInject(a, m.MockInject)
+		}
+		_ = a.send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_MockInjectResult{MockInjectResult: &pb.MockInjectResult{
+			RequestId: m.MockInject.GetRequestId(), Error: answer,
+		}}})
 	case *pb.ConnectResponse_FetchLogs:
 		if a.cfg.OnFetchLogs != nil {
 			a.cfg.OnFetchLogs(a, m.FetchLogs)
@@ -369,6 +380,10 @@ func (a *Agent) Release(lease string, clean bool, message string) {
 		LeaseId: lease, Clean: clean, Message: message,
 	}}})
 }
+
+// Send sends any message on the current stream (events, health,
+// telemetry), failing the test's expectations silently if disconnected.
+func (a *Agent) Send(msg *pb.ConnectRequest) error { return a.send(msg) }
 
 // SendLog answers a FetchLogs request with one chunk.
 func (a *Agent) SendLog(requestID uint64, data []byte, eof bool) {
