@@ -88,7 +88,7 @@ replicas).`,
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
 		newEtcdCmd(),
 		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(), newCheckCmd(),
-		newDrainCmd(), newUndrainCmd(),
+		newDrainCmd(), newUndrainCmd(), newTelemetryCmd(), newMockCmd(),
 	)
 	return root
 }

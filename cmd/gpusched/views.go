@@ -184,7 +184,28 @@ func describeJob(w io.Writer, j *pb.Job) error {
 		}
 		t.row(label, fmt.Sprintf("%s rank %d: %s", x.GetNode(), x.GetRank(), how))
 	}
+	eventRows(t, j.GetEvents())
 	return t.flush()
+}
+
+// eventRows lists events, one per row, under an "Events:" label.
+func eventRows(t *table, events []*pb.NodeEvent) {
+	for i, e := range events {
+		label := ""
+		if i == 0 {
+			label = "Events:"
+		}
+		where := e.GetNode()
+		if e.GetGpu() >= 0 {
+			where += fmt.Sprintf(" GPU %d", e.GetGpu())
+		}
+		what := strings.TrimPrefix(e.GetKind().String(), "NODE_EVENT_KIND_")
+		line := fmt.Sprintf("%s  %s  %s: %s", e.GetTime().AsTime().Local().Format(time.RFC3339), what, where, e.GetMessage())
+		if e.GetAction() != "" {
+			line += " [" + e.GetAction() + "]"
+		}
+		t.row(label, line)
+	}
 }
 
 // shellQuote renders argv so it can be pasted into a shell.
@@ -283,5 +304,6 @@ func describeNode(w io.Writer, n *pb.Node) error {
 		}
 		t.row(label, fmt.Sprintf("%d  %s  %s  %s  %s", g.GetIndex(), g.GetName(), gib(g.GetMemoryBytes()), g.GetPciBusId(), g.GetUuid()))
 	}
+	eventRows(t, n.GetEvents())
 	return t.flush()
 }
