@@ -50,7 +50,57 @@ type Config struct {
 	// DialOptions are added to the gRPC dial (TLS arrives here later).
 	DialOptions []grpc.DialOption
 	Logger      *zap.Logger
+
+	// Mock is the simulated node behind NVML when the backend is a mock
+	// (gpu.Backend.Mock); nil on real NVML. With it the agent keeps the
+	// simulated driver's process lists in step with real processes (a
+	// lease's command is registered on every GPU while it runs, dead
+	// processes are dropped) and obeys MockInject; without it MockInject
+	// is refused.
+	Mock *gpu.Mock
+	// TelemetryInterval is how often the agent samples its GPUs, sends a
+	// TelemetryBatch and checks exclusivity. Default 1s.
+	TelemetryInterval time.Duration
+	// ForeignProcessPolicy says what happens to a GPU process that does
+	// not belong to the lease holding the node (or to any GPU process on an
+	// idle node): ForeignKill (default) or ForeignReport.
+	ForeignProcessPolicy string
+	// ForeignKillGrace is how long a foreign process gets between SIGTERM
+	// and SIGKILL. Default 5s.
+	ForeignKillGrace time.Duration
+	// CleanupHook, if set, is a shell command (sh -c) run after each lease
+	// once its processes are gone and the GPUs are idle, with
+	// GPUSCHED_LEASE_ID and GPUSCHED_NODE_ID set; a non-zero exit fails
+	// the cleanup. It shares CleanupTimeout with the wait before it.
+	CleanupHook string
+	// CleanupTimeout bounds the cleanup after a lease: waiting for the
+	// GPUs to be free of processes and back at their idle memory, and the
+	// hook. Default 60s.
+	CleanupTimeout time.Duration
+	// HealthRecheckInterval is how often an unhealthy node is checked
+	// again, to report it healthy once it is. Default 30s.
+	HealthRecheckInterval time.Duration
+	// MaxGPUTempC is the hottest a GPU may be for the node to pass its
+	// health checks. Default 90.
+	MaxGPUTempC uint32
 }
+
+// Foreign process policies (Config.ForeignProcessPolicy).
+const (
+	// ForeignKill: SIGTERM, then SIGKILL after ForeignKillGrace.
+	ForeignKill = "kill"
+	// ForeignReport: only an event.
+	ForeignReport = "report"
+)
+
+// Defaults of the health and exclusivity settings.
+const (
+	defaultTelemetryInterval     = time.Second
+	defaultForeignKillGrace      = 5 * time.Second
+	defaultCleanupTimeout        = 60 * time.Second
+	defaultHealthRecheckInterval = 30 * time.Second
+	defaultMaxGPUTempC           = 90
+)
 
 // Agent is a running node agent.
 type Agent struct {
@@ -66,6 +116,17 @@ type Agent struct {
 	// shuttingDown explains exits caused by the agent's own shutdown.
 	shuttingDown bool
 	wg           sync.WaitGroup // lease goroutines
+
+	// quit is closed when the agent shuts down: cleanups waiting for the
+	// GPUs give up (and keep the lease held for the next agent).
+	quit     chan struct{}
+	quitOnce sync.Once
+	// recheck asks healthLoop for a health re-check now (after a
+	// MockInject clear).
+	recheck chan struct{}
+	sim     *simDriver // nil on real NVML
+	health  health
+	fb      fbBaseline
 }
 
 // New validates cfg, reads the GPU inventory and the persisted state.
@@ -79,6 +140,36 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("%w: a GPU backend is required", ErrConfig)
 	case cfg.DataDir == "":
 		return nil, fmt.Errorf("%w: data dir is required", ErrConfig)
+	case cfg.Mock != nil && cfg.NVML != cfg.Mock.NVML():
+		return nil, fmt.Errorf("%w: Mock must be the simulated node behind NVML", ErrConfig)
+	}
+	switch cfg.ForeignProcessPolicy {
+	case "":
+		cfg.ForeignProcessPolicy = ForeignKill
+	case ForeignKill, ForeignReport:
+	default:
+		return nil, fmt.Errorf("%w: foreign process policy %q (want %q or %q)", ErrConfig,
+			cfg.ForeignProcessPolicy, ForeignKill, ForeignReport)
+	}
+	for _, d := range []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{
+		{"telemetry interval", &cfg.TelemetryInterval, defaultTelemetryInterval},
+		{"foreign kill grace", &cfg.ForeignKillGrace, defaultForeignKillGrace},
+		{"cleanup timeout", &cfg.CleanupTimeout, defaultCleanupTimeout},
+		{"health re-check interval", &cfg.HealthRecheckInterval, defaultHealthRecheckInterval},
+	} {
+		switch {
+		case *d.v < 0:
+			return nil, fmt.Errorf("%w: negative %s %v", ErrConfig, d.name, *d.v)
+		case *d.v == 0:
+			*d.v = d.def
+		}
+	}
+	if cfg.MaxGPUTempC == 0 {
+		cfg.MaxGPUTempC = defaultMaxGPUTempC
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -104,7 +195,13 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{
 		cfg: cfg, log: cfg.Logger.With(zap.String("node", cfg.NodeID)),
 		inventory: inv, hostname: host, state: st, procs: map[string]*runner.Process{},
+		quit: make(chan struct{}), recheck: make(chan struct{}, 1),
 	}
+	if cfg.Mock != nil {
+		a.sim = &simDriver{m: cfg.Mock, gpus: inv.GPUCount}
+	}
+	a.health.init(inv.GPUCount)
+	a.fb.init(a, inv.GPUCount)
 	a.recoverLeases()
 	return a, nil
 }
@@ -117,6 +214,18 @@ func (a *Agent) Inventory() gpu.Inventory { return a.inventory }
 // the agent started has been stopped: no process outlives it.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.stopAll()
+	// The monitor (telemetry, exclusivity, health re-checks) and the XID
+	// watcher run for the agent's whole life, connected or not: a foreign
+	// process is killed even while no scheduler listens.
+	monCtx, stopMonitor := context.WithCancel(ctx)
+	var monitors sync.WaitGroup
+	defer func() { stopMonitor(); a.closeQuit(); monitors.Wait() }()
+	a.initialHealth()
+	monitors.Go(func() { a.monitor(monCtx) })
+	monitors.Go(func() { a.healthLoop(monCtx) })
+	if w := a.watchXIDs(); w != nil {
+		monitors.Go(func() { a.xidLoop(monCtx, w) })
+	}
 	backoff, failed, next, hint := minBackoff, 0, 0, ""
 	for ctx.Err() == nil {
 		server := hint
@@ -336,6 +445,9 @@ func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) erro
 				}
 				silentFor.Store(int64(missedHeartbeats * d.AsDuration()))
 			}
+			// A new leader learns the node's health from this, not from
+			// whatever an earlier leader recorded.
+			a.reportHealth()
 		case *pb.ConnectResponse_StartLease:
 			a.startLease(m.StartLease)
 		case *pb.ConnectResponse_ReleaseLease:
@@ -343,6 +455,9 @@ func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) erro
 		case *pb.ConnectResponse_FetchLogs:
 			a.wg.Add(1)
 			go func() { defer a.wg.Done(); a.sendLogs(ctx, m.FetchLogs) }()
+		case *pb.ConnectResponse_MockInject:
+			a.notify(&pb.ConnectRequest{Msg: &pb.ConnectRequest_MockInjectResult{
+				MockInjectResult: a.mockInject(m.MockInject)}})
 		}
 	}
 }

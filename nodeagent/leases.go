@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -99,6 +101,28 @@ func (a *Agent) startLease(s *pb.StartLease) {
 		log.Error("refusing second lease", zap.String("held", busy))
 		return
 	}
+	a.mu.Unlock()
+
+	// Only this goroutine (the stream's reader) starts leases, so the node
+	// is still free once the check is done.
+	if fresh, all := a.preLeaseProblems(); len(all) > 0 {
+		why := "pre-lease check failed: " + strings.Join(all, "; ")
+		log.Warn("pre-lease check failed", zap.Strings("problems", all))
+		// The event and the verdict go first, so the scheduler knows why
+		// before it sees the exit.
+		a.event(&pb.NodeEvent{
+			Kind: pb.NodeEventKind_NODE_EVENT_KIND_PRE_LEASE_CHECK_FAILED, Gpu: gpu.NodeProblem,
+			LeaseId: id, Action: "refused", Message: why,
+		})
+		a.markUnhealthy(fresh)
+		a.mu.Lock()
+		a.state.Leases[id] = l
+		a.exitLocked(l, runner.Exit{Code: -1, Message: why})
+		a.mu.Unlock()
+		return
+	}
+
+	a.mu.Lock()
 	a.state.Leases[id] = l
 	proc, err := runner.Start(runner.Spec{
 		Command: s.GetCommand(), Env: a.leaseEnv(s), Dir: a.scratch(id), LogPath: a.logPath(id),
@@ -116,6 +140,9 @@ func (a *Agent) startLease(s *pb.StartLease) {
 	l.Started, l.PGID = true, proc.PID()
 	a.procs[id] = proc
 	a.saveLocked()
+	// On a simulated node the command "uses" every GPU while it runs, as a
+	// training job would: the mock's load follows it.
+	a.sim.add(-1, uint32(proc.PID()))
 	a.mu.Unlock()
 	log.Info("command started", zap.Int("pid", proc.PID()))
 	a.notify(&pb.ConnectRequest{Msg: &pb.ConnectRequest_LeaseStarted{LeaseStarted: &pb.LeaseStarted{LeaseId: id, Pid: int32(proc.PID())}}})
@@ -124,6 +151,7 @@ func (a *Agent) startLease(s *pb.StartLease) {
 	go func() {
 		defer a.wg.Done()
 		<-proc.Done()
+		a.sim.remove(uint32(proc.PID()))
 		x := proc.Exit()
 		a.mu.Lock()
 		if a.shuttingDown {
@@ -175,7 +203,20 @@ func (a *Agent) releaseLease(r *pb.ReleaseLease) {
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
-		clean, why := a.cleanup(id, grace)
+		clean, why, aborted := a.cleanup(id, grace)
+		if aborted {
+			// The agent is shutting down: the lease stays held, so the
+			// next agent re-reports it and the scheduler releases it again.
+			a.log.Info("cleanup interrupted by shutdown", zap.String("lease_id", id))
+			return
+		}
+		if !clean {
+			a.event(&pb.NodeEvent{
+				Kind: pb.NodeEventKind_NODE_EVENT_KIND_CLEANUP_FAILED, Gpu: gpu.NodeProblem,
+				LeaseId: id, Action: "reported unhealthy", Message: "cleanup after lease " + id + " failed: " + why,
+			})
+			a.markUnhealthy([]string{"node: cleanup after lease " + id + " failed: " + why})
+		}
 		a.mu.Lock()
 		delete(a.state.Leases, id)
 		delete(a.procs, id)
@@ -186,9 +227,11 @@ func (a *Agent) releaseLease(r *pb.ReleaseLease) {
 	}()
 }
 
-// cleanup stops the process group, checks that no GPU process is left and
-// wipes the lease's scratch space. Logs are kept for `gpusched logs`.
-func (a *Agent) cleanup(id string, grace time.Duration) (bool, string) {
+// cleanup stops the process group, waits (at most CleanupTimeout) until
+// NVML shows no GPU process and every GPU's memory back at its idle
+// baseline, runs the cleanup hook, and wipes the lease's scratch space.
+// Logs are kept for `gpusched logs`. aborted: the agent shut down first.
+func (a *Agent) cleanup(id string, grace time.Duration) (clean bool, why string, aborted bool) {
 	a.mu.Lock()
 	proc := a.procs[id]
 	_, held := a.state.Leases[id]
@@ -199,27 +242,147 @@ func (a *Agent) cleanup(id string, grace time.Duration) (bool, string) {
 		_, err := proc.Stop(ctx, grace)
 		cancel()
 		if err != nil {
-			return false, err.Error()
+			return false, err.Error(), false
 		}
 	}
-	if err := os.RemoveAll(a.scratch(id)); err != nil {
-		return false, "wiping scratch: " + err.Error()
+	wipe := func() string {
+		if err := os.RemoveAll(a.scratch(id)); err != nil {
+			return "wiping scratch: " + err.Error()
+		}
+		return ""
 	}
 	if otherHolds {
 		// id never held the node (it was refused): the GPUs' processes
 		// belong to the lease that does.
-		return true, ""
+		if w := wipe(); w != "" {
+			return false, w, false
+		}
+		return true, "", false
 	}
-	procs, err := gpu.ListGPUProcesses(a.cfg.NVML)
-	if err != nil {
-		return false, "listing GPU processes: " + err.Error()
+	deadline := time.Now().Add(a.cfg.CleanupTimeout)
+	why, aborted = a.waitGPUsIdle(deadline)
+	if aborted {
+		return false, "", true
 	}
-	for idx, pids := range procs {
-		if len(pids) > 0 {
-			return false, fmt.Sprintf("GPU %d still has processes %v", idx, pids)
+	if why == "" && held && a.cfg.CleanupHook != "" {
+		if err := a.runHook(id, deadline); err != nil {
+			why = "cleanup hook: " + err.Error()
+			a.health.mu.Lock()
+			a.health.hookFailed = id
+			a.health.mu.Unlock()
 		}
 	}
-	return true, ""
+	if w := wipe(); w != "" {
+		why = strings.Join(slices.DeleteFunc([]string{why, w}, func(s string) bool { return s == "" }), "; ")
+	}
+	return why == "", why, false
+}
+
+// waitGPUsIdle polls until no GPU has a process and every GPU's memory is
+// back at its idle baseline, or until deadline; it returns what was still
+// wrong then ("" once idle), or aborted when the agent shuts down.
+func (a *Agent) waitGPUsIdle(deadline time.Time) (why string, aborted bool) {
+	start := time.Now()
+	delay := 20 * time.Millisecond
+	for {
+		why = strings.Join(a.gpuLeftovers(), "; ")
+		if why == "" {
+			return "", false
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Sprintf("after %v: %s", time.Since(start).Round(time.Millisecond), why), false
+		}
+		t := time.NewTimer(min(delay, left))
+		select {
+		case <-a.quit:
+			t.Stop()
+			return "", true
+		case <-t.C:
+		}
+		delay = min(2*delay, 250*time.Millisecond)
+	}
+}
+
+// gpuLeftovers is what keeps the GPUs from being idle: processes, and
+// memory above the idle baseline.
+func (a *Agent) gpuLeftovers() []string {
+	a.sim.dropDead()
+	procs, err := gpu.ListGPUProcesses(a.cfg.NVML)
+	if err != nil {
+		return []string{"listing GPU processes: " + err.Error()}
+	}
+	var out []string
+	for g := range len(procs) {
+		if pids := procs[g]; len(pids) > 0 {
+			out = append(out, fmt.Sprintf("GPU %d still has processes %v", g, pids))
+		}
+	}
+	if len(out) > 0 {
+		return out // memory follows the processes; no need to read it yet
+	}
+	samples, err := gpu.ReadTelemetry(a.cfg.NVML)
+	if err != nil {
+		return []string{"reading GPU memory: " + err.Error()}
+	}
+	return a.fb.over(samples)
+}
+
+// hookOutputLimit bounds the hook output kept for the failure message.
+const hookOutputLimit = 2048
+
+// runHook runs the cleanup hook for lease under sh -c, in its own process
+// group (killed as a whole when it overruns deadline or the agent shuts
+// down, and once it is done, so nothing it started lingers).
+func (a *Agent) runHook(lease string, deadline time.Time) error {
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	go func() {
+		select {
+		case <-a.quit:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	cmd := exec.CommandContext(ctx, "sh", "-c", a.cfg.CleanupHook)
+	cmd.Env = append(os.Environ(), "GPUSCHED_LEASE_ID="+lease, "GPUSCHED_NODE_ID="+a.cfg.NodeID)
+	cmd.Dir = a.cfg.DataDir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
+	var out tailBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	if cmd.Process != nil {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		err = fmt.Errorf("did not finish in time: %w", err)
+	}
+	if tail := strings.TrimSpace(string(out.b)); tail != "" {
+		err = fmt.Errorf("%w: %s", err, tail)
+	}
+	a.log.Warn("cleanup hook failed", zap.String("lease_id", lease), zap.Error(err))
+	return err
+}
+
+// tailBuffer keeps the last hookOutputLimit bytes written to it.
+type tailBuffer struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.b = append(t.b, p...)
+	if len(t.b) > hookOutputLimit {
+		t.b = t.b[len(t.b)-hookOutputLimit:]
+	}
+	return len(p), nil
 }
 
 // sendLogs relays a lease's output file in chunks.
@@ -286,8 +449,12 @@ func (a *Agent) holds(id string) bool {
 	return ok
 }
 
+// closeQuit tells waiting cleanups and hooks that the agent shuts down.
+func (a *Agent) closeQuit() { a.quitOnce.Do(func() { close(a.quit) }) }
+
 // stopAll stops every running command when the agent shuts down.
 func (a *Agent) stopAll() {
+	a.closeQuit()
 	a.mu.Lock()
 	a.shuttingDown = true
 	procs := make([]*runner.Process, 0, len(a.procs))

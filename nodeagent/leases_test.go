@@ -277,18 +277,29 @@ func TestReleaseWithALeftoverGPUProcessIsNotClean(t *testing.T) {
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			n, f, s, _ := agentOnFake(t, "node-gpu"+strconv.Itoa(i))
+			// Reported, not killed, so that it is still there at the end of
+			// the cleanup's (short) wait.
+			n, f, s, _ := agentOnFake(t, "node-gpu"+strconv.Itoa(i), func(c *Config) {
+				c.ForeignProcessPolicy = ForeignReport
+				c.CleanupTimeout = 300 * time.Millisecond
+			})
 			if tt.running {
 				s.send(t, startCmd(1, shLease("lease-gpu", "exec sleep 60")))
 				f.awaitStarted(t, "lease-gpu")
 			}
 			// Something the group kill cannot reach.
-			n.gpus.Mock.SetProcesses(tt.gpu, []uint32{12345})
+			leftover := startProcess(t, "sleep", "60")
+			f.mustInject(t, s, injectProcess(tt.gpu, leftover.pid))
 			s.send(t, releaseCmd(1, "lease-gpu", 5*time.Second))
 			r := f.awaitReleased(t, "lease-gpu")
 			wantGPU := "GPU " + strconv.Itoa(tt.gpu)
-			if r.GetClean() || !strings.Contains(r.GetMessage(), wantGPU) || !strings.Contains(r.GetMessage(), "12345") {
-				t.Errorf("LeaseReleased = %v; want not clean, naming %s and pid 12345", r, wantGPU)
+			wantPID := strconv.Itoa(leftover.pid)
+			if r.GetClean() || !strings.Contains(r.GetMessage(), wantGPU) || !strings.Contains(r.GetMessage(), wantPID) {
+				t.Errorf("LeaseReleased = %v; want not clean, naming %s and pid %s", r, wantGPU, wantPID)
+			}
+			ev := f.await(t, "a CLEANUP_FAILED event", isEvent(pb.NodeEventKind_NODE_EVENT_KIND_CLEANUP_FAILED)).GetNodeEvent()
+			if ev.GetLeaseId() != "lease-gpu" || !strings.Contains(ev.GetMessage(), wantPID) {
+				t.Errorf("CLEANUP_FAILED event = %v; want it on lease-gpu, naming pid %s", ev, wantPID)
 			}
 			if tt.running {
 				if x := f.awaitExited(t, "lease-gpu"); x.GetSignal() != "SIGTERM" {
@@ -297,6 +308,9 @@ func TestReleaseWithALeftoverGPUProcessIsNotClean(t *testing.T) {
 				if _, err := os.Stat(n.scratchDir("lease-gpu")); !errors.Is(err, os.ErrNotExist) {
 					t.Errorf("scratch dir after release: %v; want it removed", err)
 				}
+			}
+			if processGone(leftover.pid) {
+				t.Errorf("the leftover process was killed under the report policy")
 			}
 		})
 	}

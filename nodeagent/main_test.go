@@ -424,7 +424,7 @@ func newNode(t *testing.T, name string) *testNode {
 // config is the node's agent configuration for the given endpoints.
 func (n *testNode) config(t *testing.T, servers ...string) Config {
 	return Config{
-		NodeID: n.name, Servers: servers, NVML: n.gpus.NVML, DataDir: n.dir,
+		NodeID: n.name, Servers: servers, NVML: n.gpus.NVML, Mock: n.gpus.Mock, DataDir: n.dir,
 		Labels:    map[string]string{"pool": "test", "rack": "r1"},
 		Address:   n.name + ".test",
 		StopGrace: 5 * time.Second,

@@ -54,6 +54,18 @@ func engineFlags(cmd *cobra.Command, cfg *engine.Config) {
 	cmd.Flags().DurationVar(&cfg.KillGrace, "kill-grace", 10*time.Second, "SIGTERM-to-SIGKILL grace when a job is cancelled or times out")
 }
 
+// agentFlags tune the node agent; shared by dev and agent.
+func agentFlags(cmd *cobra.Command, cfg *nodeagent.Config) {
+	f := cmd.Flags()
+	f.DurationVar(&cfg.TelemetryInterval, "telemetry-interval", time.Second, "how often GPUs are sampled and exclusivity is checked")
+	f.StringVar(&cfg.ForeignProcessPolicy, "foreign-process-policy", nodeagent.ForeignKill, "what to do with a GPU process outside the lease: kill or report")
+	f.DurationVar(&cfg.ForeignKillGrace, "foreign-kill-grace", 5*time.Second, "SIGTERM-to-SIGKILL grace for a foreign GPU process")
+	f.StringVar(&cfg.CleanupHook, "cleanup-hook", "", "shell command run after each lease's cleanup (non-zero exit: node UNHEALTHY)")
+	f.DurationVar(&cfg.CleanupTimeout, "cleanup-timeout", 60*time.Second, "bound on the cleanup after a lease")
+	f.DurationVar(&cfg.HealthRecheckInterval, "health-recheck-interval", 30*time.Second, "how often an unhealthy node is checked again")
+	f.Uint32Var(&cfg.MaxGPUTempC, "max-gpu-temp", 90, "hottest GPU temperature (C) a healthy node may have")
+}
+
 func newDevCmd() *cobra.Command {
 	var (
 		cfg  devcluster.Config
@@ -86,7 +98,11 @@ started is stopped too.`,
 			}
 			defer c.Close()
 			out := cmd.OutOrStdout()
-			fmt.Fprintf(out, "gpusched dev cluster: %d simulated %s nodes, data in %s\n", nodesOrDefault(cfg.Nodes), strings.ToUpper(orDefault(cfg.GPUModel, "h100")), c.DataDir)
+			what := "simulated " + strings.ToUpper(orDefault(cfg.GPUModel, "h100"))
+			if cfg.GPUBackend != "" {
+				what = cfg.GPUBackend
+			}
+			fmt.Fprintf(out, "gpusched dev cluster: %d %s nodes, data in %s\n", nodesOrDefault(cfg.Nodes), what, c.DataDir)
 			fmt.Fprintf(out, "scheduler listening on %s\n\n", c.Endpoint)
 			fmt.Fprintf(out, "export GPUSCHED_SERVER=%s\n\n", c.Endpoint)
 			if cfg.DataDir != "" {
@@ -107,7 +123,9 @@ started is stopped too.`,
 	f.StringVar(&cfg.GPUModel, "gpu-model", "h100", "GPU model of the simulated nodes: a100, h100, h200 or b200")
 	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "scheduler gRPC address (port 0: pick a free port)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "keep etcd data and agent state here across restarts (default: a temp dir, removed on exit)")
+	f.StringVar(&cfg.GPUBackend, "gpu-backend", "", "GPU backend instead of --gpu-model: "+strings.Join(gpu.Backends(), ", ")+" (nvml needs --nodes 1)")
 	engineFlags(cmd, &cfg.Engine)
+	agentFlags(cmd, &cfg.Agent)
 	logs.register(cmd)
 	return cmd
 }
@@ -237,7 +255,7 @@ and job logs under --data-dir.`,
 			defer b.Close()
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
-			cfg.NVML, cfg.Logger = b.NVML, log
+			cfg.NVML, cfg.Mock, cfg.Logger = b.NVML, b.Mock, log
 			a, err := nodeagent.New(cfg)
 			if err != nil {
 				return err
@@ -255,6 +273,7 @@ and job logs under --data-dir.`,
 	f.StringVar(&cfg.DataDir, "data-dir", "", "state and job logs live here (required)")
 	f.StringSliceVar(&labels, "labels", nil, "node labels k=v[,k=v...] (rack, switch, zone, pool)")
 	f.StringVar(&cfg.Address, "address", "", "address peers use to reach this node (default: hostname)")
+	agentFlags(cmd, &cfg)
 	logs.register(cmd)
 	return cmd
 }

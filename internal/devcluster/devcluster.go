@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -42,6 +43,13 @@ type Config struct {
 	Nodes int
 	// GPUModel of every node: a100, h100, h200 or b200. Default h100.
 	GPUModel string
+	// GPUBackend overrides GPUModel: "nvml" runs one node on this
+	// machine's real GPUs (Nodes must be 1), "mock-dgxh100" etc. a model.
+	GPUBackend string
+	// Agent tunes every agent (telemetry interval, foreign-process policy,
+	// cleanup hook, ...); NodeID, Servers, NVML, Mock, DataDir, Address,
+	// Labels and Logger are set per node.
+	Agent nodeagent.Config
 	// Listen is the scheduler's gRPC address. Default 127.0.0.1:0 (a free port).
 	Listen string
 	// DataDir keeps etcd's data and the agents' state and logs across
@@ -82,6 +90,15 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	backend, ok := devModels[model]
 	if perr != nil || !ok {
 		return nil, fmt.Errorf("%w: --gpu-model must be one of a100, h100, h200, b200; got %q", ErrConfig, cfg.GPUModel)
+	}
+	if cfg.GPUBackend != "" {
+		if !slices.Contains(gpu.Backends(), cfg.GPUBackend) {
+			return nil, fmt.Errorf("%w: --gpu-backend must be one of %s; got %q", ErrConfig, strings.Join(gpu.Backends(), ", "), cfg.GPUBackend)
+		}
+		if cfg.GPUBackend == gpu.BackendNVML && cfg.Nodes != 1 {
+			return nil, fmt.Errorf("%w: --gpu-backend nvml runs one node on this machine's GPUs: use --nodes 1", ErrConfig)
+		}
+		backend = cfg.GPUBackend
 	}
 	if cfg.Listen == "" {
 		cfg.Listen = "127.0.0.1:0"
@@ -136,17 +153,24 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	}
 	for i := 1; i <= cfg.Nodes; i++ {
 		name := fmt.Sprintf("gpu-%0*d", width, i)
-		b, err := gpu.OpenMock(backend, gpu.MockOptions{NodeName: name})
+		var b *gpu.Backend
+		if backend == gpu.BackendNVML {
+			b, err = gpu.Open(backend)
+		} else {
+			b, err = gpu.OpenMock(backend, gpu.MockOptions{NodeName: name})
+		}
 		if err != nil {
 			return nil, err
 		}
 		c.backends = append(c.backends, b)
-		a, err := nodeagent.New(nodeagent.Config{
-			NodeID: name, Servers: []string{c.Endpoint}, NVML: b.NVML,
-			DataDir: filepath.Join(c.DataDir, "agents", name), Address: "127.0.0.1",
-			Labels: map[string]string{"pool": "dev"}, Logger: cfg.Logger.Named("agent"),
-			StopGrace: 2 * time.Second,
-		})
+		acfg := cfg.Agent
+		acfg.NodeID, acfg.Servers, acfg.NVML, acfg.Mock = name, []string{c.Endpoint}, b.NVML, b.Mock
+		acfg.DataDir, acfg.Address = filepath.Join(c.DataDir, "agents", name), "127.0.0.1"
+		acfg.Labels, acfg.Logger = map[string]string{"pool": "dev"}, cfg.Logger.Named("agent")
+		if acfg.StopGrace == 0 {
+			acfg.StopGrace = 2 * time.Second
+		}
+		a, err := nodeagent.New(acfg)
 		if err != nil {
 			return nil, err
 		}
