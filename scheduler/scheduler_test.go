@@ -499,6 +499,18 @@ func TestANodeWhoseCleanupFailsIsUnhealthyAndGetsNoNewLease(t *testing.T) {
 	schedtest.WaitJob(t, c.Replica.Jobs, next.GetId(), "to wait for a healthy node", func(j *pb.Job) bool {
 		return j.GetState() == pb.JobState_JOB_STATE_PENDING && strings.HasPrefix(j.GetReason(), "waiting for 1 H100 node; 0 of 1 free")
 	})
+	// The handover result is recorded on the lease in etcd.
+	resp, err := c.Etcd.Client.Get(schedtest.Context(t), "/gpusched/leases/", clientv3.WithPrefix())
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatalf("leases in etcd: %v, %d", err, len(resp.Kvs))
+	}
+	var l pb.Lease
+	if err := proto.Unmarshal(resp.Kvs[0].Value, &l); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.GetNodes()[0].GetCleanup(); got != "GPU 3 still has processes [4242]" {
+		t.Errorf("lease cleanup = %q; want the agent's reason", got)
+	}
 }
 
 func TestJobsAndNodesSurviveASchedulerRestart(t *testing.T) {

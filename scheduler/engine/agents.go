@@ -322,6 +322,17 @@ func (ev *agentEvent) apply(e *Engine) {
 		if n.cleaning == r.GetLeaseId() {
 			n.cleaning = ""
 		}
+		if le := e.leases[r.GetLeaseId()]; le != nil {
+			for i := range le.lease.Nodes {
+				if ln := &le.lease.Nodes[i]; ln.Node == n.node.ID && ln.Cleanup == "" {
+					ln.Cleanup = "clean"
+					if !r.GetClean() {
+						ln.Cleanup = r.GetMessage()
+					}
+					e.persist(store.Change{Lease: le.lease})
+				}
+			}
+		}
 		if !r.GetClean() {
 			n.node.State, n.node.Reason = model.NodeUnhealthy, "cleanup after lease "+r.GetLeaseId()+" failed: "+r.GetMessage()
 			e.persist(store.Change{Node: n.node})

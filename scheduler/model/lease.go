@@ -13,6 +13,9 @@ type LeaseNode struct {
 	GPUModel string
 	GPUCount int
 	GPUUUIDs []string
+	// Cleanup is "clean" or why the cleanup after the lease failed; empty
+	// until the node's agent reported it.
+	Cleanup string
 }
 
 // Lease grants specific whole nodes to one job for a time span.

@@ -221,7 +221,7 @@ func LeaseToProto(l *model.Lease) *pb.Lease {
 	for _, n := range l.Nodes {
 		out.Nodes = append(out.Nodes, &pb.LeaseNode{
 			Node: n.Node, Rank: int32(n.Rank), GpuModel: n.GPUModel,
-			GpuCount: int32(n.GPUCount), GpuUuids: n.GPUUUIDs,
+			GpuCount: int32(n.GPUCount), GpuUuids: n.GPUUUIDs, Cleanup: n.Cleanup,
 		})
 	}
 	return out
@@ -242,7 +242,7 @@ func LeaseFromProto(p *pb.Lease) *model.Lease {
 	for _, n := range p.GetNodes() {
 		l.Nodes = append(l.Nodes, model.LeaseNode{
 			Node: n.GetNode(), Rank: int(n.GetRank()), GPUModel: n.GetGpuModel(),
-			GPUCount: int(n.GetGpuCount()), GPUUUIDs: n.GetGpuUuids(),
+			GPUCount: int(n.GetGpuCount()), GPUUUIDs: n.GetGpuUuids(), Cleanup: n.GetCleanup(),
 		})
 	}
 	return l

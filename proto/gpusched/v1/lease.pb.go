@@ -74,12 +74,15 @@ func (LeaseState) EnumDescriptor() ([]byte, []int) {
 
 // LeaseNode is one node of a lease, with what it had when granted.
 type LeaseNode struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
-	Rank          int32                  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
-	GpuModel      string                 `protobuf:"bytes,3,opt,name=gpu_model,json=gpuModel,proto3" json:"gpu_model,omitempty"`
-	GpuCount      int32                  `protobuf:"varint,4,opt,name=gpu_count,json=gpuCount,proto3" json:"gpu_count,omitempty"`
-	GpuUuids      []string               `protobuf:"bytes,5,rep,name=gpu_uuids,json=gpuUuids,proto3" json:"gpu_uuids,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Node     string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Rank     int32                  `protobuf:"varint,2,opt,name=rank,proto3" json:"rank,omitempty"`
+	GpuModel string                 `protobuf:"bytes,3,opt,name=gpu_model,json=gpuModel,proto3" json:"gpu_model,omitempty"`
+	GpuCount int32                  `protobuf:"varint,4,opt,name=gpu_count,json=gpuCount,proto3" json:"gpu_count,omitempty"`
+	GpuUuids []string               `protobuf:"bytes,5,rep,name=gpu_uuids,json=gpuUuids,proto3" json:"gpu_uuids,omitempty"`
+	// Handover after the lease: "clean", or why the cleanup failed. Empty
+	// until the node's agent reported its cleanup.
+	Cleanup       string `protobuf:"bytes,6,opt,name=cleanup,proto3" json:"cleanup,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -147,6 +150,13 @@ func (x *LeaseNode) GetGpuUuids() []string {
 		return x.GpuUuids
 	}
 	return nil
+}
+
+func (x *LeaseNode) GetCleanup() string {
+	if x != nil {
+		return x.Cleanup
+	}
+	return ""
 }
 
 // Lease grants specific whole nodes to one job for a time span. It is the
@@ -266,13 +276,14 @@ var File_gpusched_v1_lease_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_lease_proto_rawDesc = "" +
 	"\n" +
-	"\x17gpusched/v1/lease.proto\x12\vgpusched.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n" +
+	"\x17gpusched/v1/lease.proto\x12\vgpusched.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x01\n" +
 	"\tLeaseNode\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x1b\n" +
 	"\tgpu_model\x18\x03 \x01(\tR\bgpuModel\x12\x1b\n" +
 	"\tgpu_count\x18\x04 \x01(\x05R\bgpuCount\x12\x1b\n" +
-	"\tgpu_uuids\x18\x05 \x03(\tR\bgpuUuids\"\xd9\x02\n" +
+	"\tgpu_uuids\x18\x05 \x03(\tR\bgpuUuids\x12\x18\n" +
+	"\acleanup\x18\x06 \x01(\tR\acleanup\"\xd9\x02\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
 	"\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x16\n" +
