@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -93,6 +94,9 @@ started is stopped too.`,
 			defer stop()
 			cfg.Logger = log
 			c, err := devcluster.Start(ctx, cfg)
+			if errors.Is(err, devcluster.ErrConfig) || errors.Is(err, nodeagent.ErrConfig) || errors.Is(err, gpu.ErrNVMLUnavailable) {
+				return &codedError{code: exitUsage, err: err}
+			}
 			if err != nil {
 				return err
 			}
@@ -257,6 +261,9 @@ and job logs under --data-dir.`,
 			defer stop()
 			cfg.NVML, cfg.Mock, cfg.Logger = b.NVML, b.Mock, log
 			a, err := nodeagent.New(cfg)
+			if errors.Is(err, nodeagent.ErrConfig) {
+				return &codedError{code: exitUsage, err: err}
+			}
 			if err != nil {
 				return err
 			}
