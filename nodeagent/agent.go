@@ -303,13 +303,18 @@ type session struct {
 // maxQueuedLogChunks is the share of a session's queue log chunks may take.
 const maxQueuedLogChunks = 64
 
+// currentSession returns the live stream, or nil while disconnected.
+func (a *Agent) currentSession() *session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.session
+}
+
 // notify sends msg on the current stream, if any. Messages lost while
 // disconnected are not lost facts: the next hello re-reports every held
 // lease with its progress.
 func (a *Agent) notify(msg *pb.ConnectRequest) {
-	a.mu.Lock()
-	s := a.session
-	a.mu.Unlock()
+	s := a.currentSession()
 	if s == nil {
 		return
 	}

@@ -390,9 +390,7 @@ func (a *Agent) sendLogs(ctx context.Context, req *pb.FetchLogs) {
 	// Log chunks wait for room on the stream (unlike notify): a dropped
 	// chunk would silently corrupt the output.
 	send := func(c *pb.LogChunk) {
-		a.mu.Lock()
-		s := a.session
-		a.mu.Unlock()
+		s := a.currentSession()
 		if s == nil {
 			return
 		}

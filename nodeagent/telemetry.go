@@ -79,9 +79,7 @@ const maxQueuedTelemetry = 64
 // sendTelemetry sends one batch on the current stream, if there is one and
 // it has room; a dropped batch is simply a gap in the history.
 func (a *Agent) sendTelemetry(now time.Time, h holder, samples []gpu.Sample) {
-	a.mu.Lock()
-	s := a.session
-	a.mu.Unlock()
+	s := a.currentSession()
 	if s == nil || len(s.out) > maxQueuedTelemetry {
 		return
 	}
