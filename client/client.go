@@ -328,3 +328,13 @@ func (c *Client) InjectFault(ctx context.Context, req *pb.InjectFaultRequest) er
 		return err
 	})
 }
+
+// Label sets and removes operator labels on a node.
+func (c *Client) Label(ctx context.Context, node string, set map[string]string, remove []string) (*pb.Node, error) {
+	var resp *pb.LabelNodeResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewNodeServiceClient(conn).LabelNode(ctx, &pb.LabelNodeRequest{Id: node, Set: set, Remove: remove})
+		return err
+	})
+	return resp.GetNode(), err
+}

@@ -997,3 +997,41 @@ func TestFaultInjectionIsRelayedToTheAgent(t *testing.T) {
 		t.Errorf("unknown node = %v; want NotFound", err)
 	}
 }
+
+func TestAGangWithARequiredRackWaitsForOneRackAndOperatorLabelsCount(t *testing.T) {
+	c := cluster(t, 4, schedtest.AgentConfig{}, engine.Config{})
+	ctx := schedtest.Context(t)
+	// Racks set by the operator: node-0 and node-1 in r1, node-2 in r2,
+	// node-3 unlabelled.
+	for node, rack := range map[string]string{"node-0": "r1", "node-1": "r1", "node-2": "r2"} {
+		if _, err := c.Replica.Nodes.LabelNode(ctx, &pb.LabelNodeRequest{Id: node, Set: map[string]string{"rack": rack}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spec := schedtest.Spec(3)
+	spec.Topology = "same-rack"
+	big := schedtest.Submit(t, c.Replica.Jobs, spec)
+	schedtest.WaitJob(t, c.Replica.Jobs, big.GetId(), "to wait for a rack of 3", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_PENDING && strings.Contains(j.GetReason(), "in one rack")
+	})
+	spec = schedtest.Spec(2)
+	spec.Topology = "same-rack"
+	pair := schedtest.Submit(t, c.Replica.Jobs, spec)
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, pair.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	if got := running.GetNodes(); !slices.Equal(got, []string{"node-0", "node-1"}) {
+		t.Errorf("a 2-node same-rack gang ran on %v; want rack r1 (node-0, node-1)", got)
+	}
+	// A selector on an operator label.
+	if _, err := c.Replica.Nodes.LabelNode(ctx, &pb.LabelNodeRequest{Id: "node-3", Set: map[string]string{"pool": "prod"}}); err != nil {
+		t.Fatal(err)
+	}
+	sel := schedtest.Spec(1)
+	sel.Selector = map[string]string{"pool": "prod"}
+	onProd := schedtest.Submit(t, c.Replica.Jobs, sel)
+	if r := schedtest.WaitJobState(t, c.Replica.Jobs, onProd.GetId(), pb.JobState_JOB_STATE_RUNNING); r.GetNodes()[0] != "node-3" {
+		t.Errorf("selector pool=prod ran on %v", r.GetNodes())
+	}
+	if _, err := c.Replica.Nodes.LabelNode(ctx, &pb.LabelNodeRequest{Id: "node-0", Set: map[string]string{"bad key": "x"}}); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("a bad label key = %v; want InvalidArgument", err)
+	}
+}

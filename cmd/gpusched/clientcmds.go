@@ -47,6 +47,8 @@ func newSubmitCmd() *cobra.Command {
 		timeLimit  time.Duration
 		env        []string
 		maxRetries int32
+		minMemory  string
+		selector   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "submit [flags] -- COMMAND [ARG...]",
@@ -59,7 +61,8 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 (all of the node's GPUs). Use sh -c '...' for shell syntax.`,
 		Example: `  id=$(gpusched submit --nodes 2 --gpu-model H100 -- sh -c 'echo rank=$GPUSCHED_NODE_RANK')
   gpusched submit --gpu-model A100 --time-limit 30m --name train -- python train.py
-  gpusched submit --env EPOCHS=3 -- ./run.sh`,
+  gpusched submit --env EPOCHS=3 -- ./run.sh
+  gpusched submit --nodes 4 --gpu-model H100 --topology same-rack --selector pool=prod -- ./train.sh`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 0 && len(args) > 0 {
 				return usageError("put the command after --, e.g. gpusched submit --nodes 2 -- sh -c 'hostname'")
@@ -67,6 +70,20 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 			spec.Command = args
 			if cmd.Flags().Changed("max-retries") {
 				spec.MaxRetries = &maxRetries
+			}
+			if minMemory != "" {
+				b, err := parseSize(minMemory)
+				if err != nil {
+					return usageError("--min-gpu-memory: %v", err)
+				}
+				spec.MinGpuMemoryBytes = b
+			}
+			if len(selector) > 0 {
+				sel, err := parseLabels("--selector", selector)
+				if err != nil {
+					return err
+				}
+				spec.Selector = sel
 			}
 			if timeLimit != 0 {
 				spec.TimeLimit = durationProto(timeLimit)
@@ -103,6 +120,10 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 	f.StringVar(&spec.Tenant, "tenant", "", "tenant to bill (default \"default\")")
 	f.StringArrayVar(&env, "env", nil, "extra environment KEY=VALUE (repeatable)")
 	f.Int32Var(&maxRetries, "max-retries", 1, "requeue the job under a new lease at most this often when it loses a node")
+	f.StringVar(&minMemory, "min-gpu-memory", "", "least memory per GPU, e.g. 80GB or 141GiB (GB = 10^9 bytes, as GPUs are labelled)")
+	f.StringSliceVar(&selector, "selector", nil, "node labels every node must have, k=v[,k=v...]")
+	f.StringVar(&spec.Topology, "topology", "", "keep the gang in one domain: same-rack or same-switch (the job waits otherwise)")
+	f.StringVar(&spec.PreferTopology, "prefer-topology", "", "like --topology, but span domains when no single one fits")
 	return cmd
 }
 

@@ -134,6 +134,23 @@ func describeJob(w io.Writer, j *pb.Job) error {
 	if s.GetGpusPerNode() > 0 {
 		req += fmt.Sprintf(", at least %d GPUs/node", s.GetGpusPerNode())
 	}
+	if m := s.GetMinGpuMemoryBytes(); m > 0 {
+		req += fmt.Sprintf(", at least %.0f GB per GPU", float64(m)/1e9)
+	}
+	if len(s.GetSelector()) > 0 {
+		keys := make([]string, 0, len(s.GetSelector()))
+		for k := range s.GetSelector() {
+			keys = append(keys, k+"="+s.GetSelector()[k])
+		}
+		sort.Strings(keys)
+		req += ", on " + strings.Join(keys, ",")
+	}
+	if s.GetTopology() != "" {
+		req += ", " + s.GetTopology() + " (required)"
+	}
+	if s.GetPreferTopology() != "" {
+		req += ", " + s.GetPreferTopology() + " (preferred)"
+	}
 	t.row("Requested:", req)
 	if tl := s.GetTimeLimit(); tl != nil {
 		t.row("Time limit:", tl.AsDuration().String())
@@ -266,7 +283,51 @@ func newNodesCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	cmd.AddCommand(newNodesLabelCmd())
 	return cmd
+}
+
+func newNodesLabelCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "label NODE k=v... [k-...]",
+		Short: "Set (k=v) or remove (k-) operator labels on a node",
+		Long: `Set or remove operator labels on a node. They override the labels the
+agent reports (--labels) key by key, and feed placement: --selector, and
+--topology same-rack|same-switch group nodes by their "rack" and "switch" labels.`,
+		Example: `  gpusched nodes label gpu-01 rack=r1 switch=s3
+  gpusched nodes label gpu-01 pool-`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 2 {
+				return usageError("nodes label expects a node and at least one k=v or k- (see 'gpusched nodes label --help')")
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			set, remove := map[string]string{}, []string(nil)
+			for _, a := range args[1:] {
+				if k, ok := strings.CutSuffix(a, "-"); ok && !strings.Contains(a, "=") {
+					remove = append(remove, k)
+					continue
+				}
+				k, v, ok := strings.Cut(a, "=")
+				if !ok {
+					return usageError("label %q: want k=v to set or k- to remove", a)
+				}
+				set[k] = v
+			}
+			c, err := dial(cmd)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			n, err := c.Label(cmd.Context(), args[0], set, remove)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "node %s labelled\n", n.GetId())
+			return nil
+		},
+	}
 }
 
 func describeNode(w io.Writer, n *pb.Node) error {

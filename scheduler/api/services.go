@@ -250,6 +250,18 @@ func (s *nodeServer) UndrainNode(ctx context.Context, req *pb.UndrainNodeRequest
 	})
 }
 
+func (s *nodeServer) LabelNode(ctx context.Context, req *pb.LabelNodeRequest) (*pb.LabelNodeResponse, error) {
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.LabelNodeResponse, error) {
+		n, err := eng.Label(ctx, req.GetId(), req.GetSet(), req.GetRemove())
+		if err != nil {
+			return nil, err
+		}
+		return &pb.LabelNodeResponse{Node: wire.NodeToProto(n)}, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.LabelNodeResponse, error) {
+		return pb.NewNodeServiceClient(conn).LabelNode(ctx, req)
+	})
+}
+
 // agentServer does not forward: an agent's stream belongs on the leader,
 // so a follower answers Unavailable and the agent moves to the next
 // endpoint it knows.

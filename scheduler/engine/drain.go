@@ -76,3 +76,61 @@ func (ev *drainEvent) apply(e *Engine) {
 	view := e.nodeView(n)
 	e.reply(func() { ev.reply <- nodeResult{node: view} })
 }
+
+type labelEvent struct {
+	id     string
+	set    map[string]string
+	remove []string
+	reply  chan nodeResult
+}
+
+// Label sets and removes operator labels on a node. They override the
+// agent's labels and feed placement (selectors, topology) from the next
+// cycle on.
+func (e *Engine) Label(ctx context.Context, id string, set map[string]string, remove []string) (*model.Node, error) {
+	if err := model.ValidateID("id", id); err != nil {
+		return nil, err
+	}
+	if err := model.ValidateLabelChange(set, remove); err != nil {
+		return nil, err
+	}
+	ev := &labelEvent{id: id, set: set, remove: remove, reply: make(chan nodeResult, 1)}
+	if err := e.post(ctx, ev); err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-ev.reply:
+		return r.node, r.err
+	case <-e.stopped:
+		return nil, model.ErrStopped
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (ev *labelEvent) apply(e *Engine) {
+	n, ok := e.nodes[ev.id]
+	if !ok {
+		err := model.Errorf(model.ErrNotFound, "node %s not found", ev.id)
+		e.reply(func() { ev.reply <- nodeResult{err: err} })
+		return
+	}
+	labels := map[string]string{}
+	for k, v := range n.node.OperatorLabels {
+		labels[k] = v
+	}
+	for k, v := range ev.set {
+		labels[k] = v
+	}
+	for _, k := range ev.remove {
+		delete(labels, k)
+	}
+	if len(labels) == 0 {
+		labels = nil
+	}
+	n.node.OperatorLabels = labels
+	e.persist(store.Change{Node: n.node})
+	e.needCycle = true
+	view := e.nodeView(n)
+	e.reply(func() { ev.reply <- nodeResult{node: view} })
+}

@@ -113,7 +113,8 @@ func (e *Engine) schedule() {
 	}
 	var free, all []placement.Node
 	for _, n := range e.nodes {
-		pn := placement.Node{ID: n.node.ID, GPUModel: n.node.Inventory.GPUModel, GPUCount: n.node.Inventory.GPUCount}
+		pn := placement.Node{ID: n.node.ID, GPUModel: n.node.Inventory.GPUModel, GPUCount: n.node.Inventory.GPUCount,
+			GPUMemoryBytes: n.node.Inventory.GPUMemoryBytes, Labels: n.node.EffectiveLabels()}
 		all = append(all, pn)
 		if n.placeable() {
 			free = append(free, pn)
@@ -121,7 +122,14 @@ func (e *Engine) schedule() {
 	}
 	reqs := make([]placement.Request, len(e.queue.jobs))
 	for i, j := range e.queue.jobs {
-		reqs[i] = placement.Request{JobID: j.ID, Nodes: j.Spec.Nodes, GPUModel: j.Spec.GPUModel, GPUsPerNode: j.Spec.GPUsPerNode}
+		reqs[i] = placement.Request{JobID: j.ID, Nodes: j.Spec.Nodes, GPUModel: j.Spec.GPUModel, GPUsPerNode: j.Spec.GPUsPerNode,
+			MinGPUMemoryBytes: j.Spec.MinGPUMemoryBytes, Selector: j.Spec.Selector}
+		switch {
+		case j.Spec.Topology != "":
+			reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.Topology), Required: true}
+		case j.Spec.PreferTopology != "":
+			reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.PreferTopology)}
+		}
 	}
 	plan := placement.Place(placement.NewSnapshot(free, all), reqs)
 	for id, why := range plan.Pending {

@@ -47,6 +47,32 @@ type JobSpec struct {
 	TimeLimit   time.Duration // 0 means none
 	// MaxRetries is how often the job is requeued when it loses a node.
 	MaxRetries int
+	// MinGPUMemoryBytes is the least memory each GPU must have; 0: any.
+	MinGPUMemoryBytes uint64
+	// Selector lists node labels every node must carry, exactly.
+	Selector map[string]string
+	// Topology keeps the gang in one domain: TopologySameRack or
+	// TopologySameSwitch, required; PreferTopology the same, preferred.
+	Topology       string
+	PreferTopology string
+}
+
+// Gang topologies and the node label each is about.
+const (
+	TopologySameRack   = "same-rack"
+	TopologySameSwitch = "same-switch"
+)
+
+// TopologyLabel returns the node label a topology groups by ("rack",
+// "switch"), or "" for none.
+func TopologyLabel(topology string) string {
+	switch topology {
+	case TopologySameRack:
+		return "rack"
+	case TopologySameSwitch:
+		return "switch"
+	}
+	return ""
 }
 
 // NodeExit is how the command ended on one node of a lease.
@@ -89,6 +115,7 @@ type Job struct {
 func (j *Job) Clone() *Job {
 	c := *j
 	c.Spec.Command = append([]string(nil), j.Spec.Command...)
+	c.Spec.Selector = cloneMap(j.Spec.Selector)
 	if j.Spec.Env != nil {
 		c.Spec.Env = make(map[string]string, len(j.Spec.Env))
 		for k, v := range j.Spec.Env {

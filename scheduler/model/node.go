@@ -66,6 +66,8 @@ type Node struct {
 	DrainReason string
 	// Events are the node's recent events, oldest first.
 	Events []NodeEvent
+	// OperatorLabels override Labels (the agent's) key by key.
+	OperatorLabels map[string]string
 	// Connected is in-memory only: whether the agent's stream is up now.
 	Connected bool
 }
@@ -75,6 +77,7 @@ func (n *Node) Clone() *Node {
 	c := *n
 	c.Inventory.GPUs = append([]GPU(nil), n.Inventory.GPUs...)
 	c.Events = append([]NodeEvent(nil), n.Events...)
+	c.OperatorLabels = cloneMap(n.OperatorLabels)
 	if n.Labels != nil {
 		c.Labels = make(map[string]string, len(n.Labels))
 		for k, v := range n.Labels {
@@ -82,4 +85,30 @@ func (n *Node) Clone() *Node {
 		}
 	}
 	return &c
+}
+
+// EffectiveLabels merges the agent's labels with the operator's, which win.
+func (n *Node) EffectiveLabels() map[string]string {
+	if len(n.OperatorLabels) == 0 {
+		return n.Labels
+	}
+	out := make(map[string]string, len(n.Labels)+len(n.OperatorLabels))
+	for k, v := range n.Labels {
+		out[k] = v
+	}
+	for k, v := range n.OperatorLabels {
+		out[k] = v
+	}
+	return out
+}
+
+func cloneMap(m map[string]string) map[string]string {
+	if m == nil {
+		return nil
+	}
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
 }

@@ -5,6 +5,7 @@ import (
 	"maps"
 	"regexp"
 	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -71,6 +72,15 @@ func NormalizeJobSpec(s JobSpec) (JobSpec, error) {
 	} else if s.TimeLimit > MaxTimeLimit {
 		v.add("spec.time_limit", fmt.Sprintf("must be at most %s", MaxTimeLimit))
 	}
+	validateLabels(&v, "spec.selector", s.Selector)
+	for _, t := range []struct{ field, value string }{{"spec.topology", s.Topology}, {"spec.prefer_topology", s.PreferTopology}} {
+		if t.value != "" && TopologyLabel(t.value) == "" {
+			v.add(t.field, fmt.Sprintf("must be %q or %q, got %q", TopologySameRack, TopologySameSwitch, t.value))
+		}
+	}
+	if s.Topology != "" && s.PreferTopology != "" {
+		v.add("spec.prefer_topology", "must not be set together with spec.topology")
+	}
 	if s.MaxRetries < 0 || s.MaxRetries > MaxRetries {
 		v.add("spec.max_retries", fmt.Sprintf("must be between 0 and %d, got %d", MaxRetries, s.MaxRetries))
 	}
@@ -108,6 +118,54 @@ func validateCommand(v *ValidationError, cmd []string) {
 	if size > MaxCommandBytes {
 		v.add("spec.command", fmt.Sprintf("must be at most %d bytes in all", MaxCommandBytes))
 	}
+}
+
+// Label limits, as Kubernetes has them: keys and values stay short and
+// printable so they fit in tables and selectors.
+const (
+	MaxLabels        = 64
+	MaxLabelKeyLen   = 63
+	MaxLabelValueLen = 63
+)
+
+var (
+	labelKeyRE   = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$`)
+	labelValueRE = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$`)
+)
+
+// validateLabels checks a label map (selector or node labels) in key order.
+func validateLabels(v *ValidationError, field string, labels map[string]string) {
+	if len(labels) > MaxLabels {
+		v.add(field, fmt.Sprintf("must have at most %d labels", MaxLabels))
+	}
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		switch val := labels[k]; {
+		case len(k) > MaxLabelKeyLen || !labelKeyRE.MatchString(k):
+			v.add(field, fmt.Sprintf("key %q must be 1-%d letters, digits, '.', '_', '/' or '-', starting and ending with a letter or digit", k, MaxLabelKeyLen))
+		case len(val) > MaxLabelValueLen || !labelValueRE.MatchString(val):
+			v.add(field, fmt.Sprintf("value %q of %q must be at most %d letters, digits, '.', '_' or '-', starting and ending with a letter or digit", val, k, MaxLabelValueLen))
+		}
+	}
+}
+
+// ValidateLabelChange checks an operator's label update of a node.
+func ValidateLabelChange(set map[string]string, remove []string) error {
+	var v ValidationError
+	validateLabels(&v, "set", set)
+	for i, k := range remove {
+		if len(k) > MaxLabelKeyLen || !labelKeyRE.MatchString(k) {
+			v.add(fmt.Sprintf("remove[%d]", i), fmt.Sprintf("%q is not a label key", k))
+		}
+	}
+	if len(set) == 0 && len(remove) == 0 {
+		v.add("set", "give labels to set or keys to remove")
+	}
+	return v.err()
 }
 
 // ValidateID checks a job or node ID given by a client.

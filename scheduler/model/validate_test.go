@@ -41,6 +41,14 @@ func TestNormalizeJobSpecRejects(t *testing.T) {
 			[]violation{{"spec.gpus_per_node", "between 0 and 64, got -1"}}},
 		{"more GPUs per node than any machine has are rejected", func(s *JobSpec) { s.GPUsPerNode = MaxGPUsPerNode + 1 },
 			[]violation{{"spec.gpus_per_node", "between 0 and 64, got 65"}}},
+		{"an unknown topology is rejected", func(s *JobSpec) { s.Topology = "same-row" },
+			[]violation{{"spec.topology", `must be "same-rack" or "same-switch", got "same-row"`}}},
+		{"required and preferred topology together are rejected", func(s *JobSpec) { s.Topology, s.PreferTopology = TopologySameRack, TopologySameSwitch },
+			[]violation{{"spec.prefer_topology", "must not be set together with spec.topology"}}},
+		{"a selector key with a space is rejected", func(s *JobSpec) { s.Selector = map[string]string{"po ol": "x"} },
+			[]violation{{"spec.selector", `key "po ol"`}}},
+		{"a selector value with a comma is rejected", func(s *JobSpec) { s.Selector = map[string]string{"pool": "a,b"} },
+			[]violation{{"spec.selector", `value "a,b" of "pool"`}}},
 		{"negative max retries are rejected", func(s *JobSpec) { s.MaxRetries = -1 },
 			[]violation{{"spec.max_retries", "between 0 and 100, got -1"}}},
 		{"too many max retries are rejected", func(s *JobSpec) { s.MaxRetries = MaxRetries + 1 },
@@ -257,5 +265,40 @@ func TestCloneDoesNotAlias(t *testing.T) {
 	}
 	if got := l.NodeNames(); !reflect.DeepEqual(got, []string{"n"}) {
 		t.Errorf("NodeNames = %v", got)
+	}
+}
+
+func TestValidateLabelChange(t *testing.T) {
+	cases := []struct {
+		name   string
+		set    map[string]string
+		remove []string
+		field  string // "" = valid
+	}{
+		{"setting a rack label is valid", map[string]string{"rack": "r1"}, nil, ""},
+		{"removing a label is valid", nil, []string{"pool"}, ""},
+		{"a change with nothing in it is rejected", nil, nil, "set"},
+		{"a bad key to remove is rejected", nil, []string{"a b"}, "remove[0]"},
+		{"an empty value is allowed", map[string]string{"gpu-fabric": ""}, nil, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := ValidateLabelChange(c.set, c.remove)
+			var verr *ValidationError
+			switch {
+			case c.field == "" && err != nil:
+				t.Fatalf("unexpected error %v", err)
+			case c.field != "" && (!errors.As(err, &verr) || verr.Violations[0].Field != c.field):
+				t.Fatalf("error %v; want a violation of %s", err, c.field)
+			}
+		})
+	}
+}
+
+func TestEffectiveLabelsLetOperatorsWin(t *testing.T) {
+	n := &Node{Labels: map[string]string{"rack": "r1", "zone": "z1"}, OperatorLabels: map[string]string{"rack": "r9"}}
+	got := n.EffectiveLabels()
+	if got["rack"] != "r9" || got["zone"] != "z1" || len(got) != 2 {
+		t.Fatalf("effective labels = %v", got)
 	}
 }

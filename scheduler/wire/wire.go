@@ -30,14 +30,18 @@ func fromTS(t *timestamppb.Timestamp) time.Time {
 // JobSpecToProto converts a spec.
 func JobSpecToProto(s model.JobSpec) *pb.JobSpec {
 	out := &pb.JobSpec{
-		Name:        s.Name,
-		Tenant:      s.Tenant,
-		Nodes:       int32(s.Nodes),
-		GpuModel:    s.GPUModel,
-		GpusPerNode: int32(s.GPUsPerNode),
-		Command:     s.Command,
-		Env:         s.Env,
-		MaxRetries:  proto.Int32(int32(s.MaxRetries)),
+		Name:              s.Name,
+		Tenant:            s.Tenant,
+		Nodes:             int32(s.Nodes),
+		GpuModel:          s.GPUModel,
+		GpusPerNode:       int32(s.GPUsPerNode),
+		Command:           s.Command,
+		Env:               s.Env,
+		MaxRetries:        proto.Int32(int32(s.MaxRetries)),
+		MinGpuMemoryBytes: s.MinGPUMemoryBytes,
+		Selector:          s.Selector,
+		Topology:          s.Topology,
+		PreferTopology:    s.PreferTopology,
 	}
 	if s.TimeLimit > 0 {
 		out.TimeLimit = durationpb.New(s.TimeLimit)
@@ -52,14 +56,18 @@ func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
 		return model.JobSpec{}
 	}
 	out := model.JobSpec{
-		Name:        s.GetName(),
-		Tenant:      s.GetTenant(),
-		Nodes:       int(s.GetNodes()),
-		GPUModel:    s.GetGpuModel(),
-		GPUsPerNode: int(s.GetGpusPerNode()),
-		Command:     s.GetCommand(),
-		Env:         s.GetEnv(),
-		MaxRetries:  model.DefaultMaxRetries,
+		Name:              s.GetName(),
+		Tenant:            s.GetTenant(),
+		Nodes:             int(s.GetNodes()),
+		GPUModel:          s.GetGpuModel(),
+		GPUsPerNode:       int(s.GetGpusPerNode()),
+		Command:           s.GetCommand(),
+		Env:               s.GetEnv(),
+		MaxRetries:        model.DefaultMaxRetries,
+		MinGPUMemoryBytes: s.GetMinGpuMemoryBytes(),
+		Selector:          s.GetSelector(),
+		Topology:          s.GetTopology(),
+		PreferTopology:    s.GetPreferTopology(),
 	}
 	if s.MaxRetries != nil {
 		out.MaxRetries = int(s.GetMaxRetries())
@@ -168,38 +176,40 @@ func InventoryFromProto(p *pb.Inventory) model.Inventory {
 // NodeToProto converts a node.
 func NodeToProto(n *model.Node) *pb.Node {
 	return &pb.Node{
-		Id:           n.ID,
-		Inventory:    InventoryToProto(n.Inventory),
-		State:        pb.NodeState(n.State),
-		Labels:       n.Labels,
-		LeaseId:      n.LeaseID,
-		JobId:        n.JobID,
-		Connected:    n.Connected,
-		Address:      n.Address,
-		RegisterTime: ts(n.RegisterTime),
-		Reason:       n.Reason,
-		Drain:        n.Drain,
-		DrainReason:  n.DrainReason,
-		Events:       eventsToProto(n.Events),
+		Id:             n.ID,
+		Inventory:      InventoryToProto(n.Inventory),
+		State:          pb.NodeState(n.State),
+		Labels:         n.EffectiveLabels(),
+		OperatorLabels: n.OperatorLabels,
+		LeaseId:        n.LeaseID,
+		JobId:          n.JobID,
+		Connected:      n.Connected,
+		Address:        n.Address,
+		RegisterTime:   ts(n.RegisterTime),
+		Reason:         n.Reason,
+		Drain:          n.Drain,
+		DrainReason:    n.DrainReason,
+		Events:         eventsToProto(n.Events),
 	}
 }
 
 // NodeFromProto converts a stored node.
 func NodeFromProto(p *pb.Node) *model.Node {
 	return &model.Node{
-		ID:           p.GetId(),
-		Inventory:    InventoryFromProto(p.GetInventory()),
-		State:        model.NodeState(p.GetState()),
-		Labels:       p.GetLabels(),
-		LeaseID:      p.GetLeaseId(),
-		JobID:        p.GetJobId(),
-		Connected:    p.GetConnected(),
-		Address:      p.GetAddress(),
-		RegisterTime: fromTS(p.GetRegisterTime()),
-		Reason:       p.GetReason(),
-		Drain:        p.GetDrain(),
-		DrainReason:  p.GetDrainReason(),
-		Events:       eventsFromProto(p.GetEvents()),
+		ID:             p.GetId(),
+		Inventory:      InventoryFromProto(p.GetInventory()),
+		State:          model.NodeState(p.GetState()),
+		Labels:         agentLabels(p),
+		OperatorLabels: p.GetOperatorLabels(),
+		LeaseID:        p.GetLeaseId(),
+		JobID:          p.GetJobId(),
+		Connected:      p.GetConnected(),
+		Address:        p.GetAddress(),
+		RegisterTime:   fromTS(p.GetRegisterTime()),
+		Reason:         p.GetReason(),
+		Drain:          p.GetDrain(),
+		DrainReason:    p.GetDrainReason(),
+		Events:         eventsFromProto(p.GetEvents()),
 	}
 }
 
@@ -276,6 +286,22 @@ func eventsFromProto(ps []*pb.NodeEvent) []model.NodeEvent {
 	var out []model.NodeEvent
 	for _, p := range ps {
 		out = append(out, EventFromProto(p))
+	}
+	return out
+}
+
+// agentLabels recovers the agent's own labels from a stored node, whose
+// labels field is the merged view: operator labels override, and the
+// agent re-reports its labels at every hello anyway.
+func agentLabels(p *pb.Node) map[string]string {
+	if len(p.GetOperatorLabels()) == 0 {
+		return p.GetLabels()
+	}
+	out := map[string]string{}
+	for k, v := range p.GetLabels() {
+		if _, op := p.GetOperatorLabels()[k]; !op {
+			out[k] = v
+		}
 	}
 	return out
 }

@@ -115,9 +115,20 @@ type JobSpec struct {
 	TimeLimit *durationpb.Duration `protobuf:"bytes,8,opt,name=time_limit,json=timeLimit,proto3" json:"time_limit,omitempty"`
 	// How many times the job is requeued (under a new lease) when a node of
 	// its lease is lost; unset means the default of 1, 0 never requeues.
-	MaxRetries    *int32 `protobuf:"varint,9,opt,name=max_retries,json=maxRetries,proto3,oneof" json:"max_retries,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	MaxRetries *int32 `protobuf:"varint,9,opt,name=max_retries,json=maxRetries,proto3,oneof" json:"max_retries,omitempty"`
+	// Minimum memory of each GPU, in bytes; 0 means any.
+	MinGpuMemoryBytes uint64 `protobuf:"varint,10,opt,name=min_gpu_memory_bytes,json=minGpuMemoryBytes,proto3" json:"min_gpu_memory_bytes,omitempty"`
+	// Node labels every node must have (exact match), e.g. {"pool": "prod"}.
+	Selector map[string]string `protobuf:"bytes,11,rep,name=selector,proto3" json:"selector,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Gang topology: "same-rack" or "same-switch" keeps every node of the job
+	// inside one domain of the node label "rack" or "switch". Required: the
+	// job waits rather than span domains. Empty: no constraint.
+	Topology string `protobuf:"bytes,12,opt,name=topology,proto3" json:"topology,omitempty"`
+	// Like topology, but preferred: one domain if any fits, else as few
+	// domains as possible.
+	PreferTopology string `protobuf:"bytes,13,opt,name=prefer_topology,json=preferTopology,proto3" json:"prefer_topology,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *JobSpec) Reset() {
@@ -211,6 +222,34 @@ func (x *JobSpec) GetMaxRetries() int32 {
 		return *x.MaxRetries
 	}
 	return 0
+}
+
+func (x *JobSpec) GetMinGpuMemoryBytes() uint64 {
+	if x != nil {
+		return x.MinGpuMemoryBytes
+	}
+	return 0
+}
+
+func (x *JobSpec) GetSelector() map[string]string {
+	if x != nil {
+		return x.Selector
+	}
+	return nil
+}
+
+func (x *JobSpec) GetTopology() string {
+	if x != nil {
+		return x.Topology
+	}
+	return ""
+}
+
+func (x *JobSpec) GetPreferTopology() string {
+	if x != nil {
+		return x.PreferTopology
+	}
+	return ""
 }
 
 // NodeExit is how a job's command ended on one node.
@@ -464,7 +503,7 @@ var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
-	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xff\x02\n" +
+	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xf2\x04\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x14\n" +
@@ -476,8 +515,16 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
 	"time_limit\x18\b \x01(\v2\x19.google.protobuf.DurationR\ttimeLimit\x12$\n" +
 	"\vmax_retries\x18\t \x01(\x05H\x00R\n" +
-	"maxRetries\x88\x01\x01\x1a6\n" +
+	"maxRetries\x88\x01\x01\x12/\n" +
+	"\x14min_gpu_memory_bytes\x18\n" +
+	" \x01(\x04R\x11minGpuMemoryBytes\x12>\n" +
+	"\bselector\x18\v \x03(\v2\".gpusched.v1.JobSpec.SelectorEntryR\bselector\x12\x1a\n" +
+	"\btopology\x18\f \x01(\tR\btopology\x12'\n" +
+	"\x0fprefer_topology\x18\r \x01(\tR\x0epreferTopology\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +
+	"\rSelectorEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n" +
 	"\f_max_retries\"\xb1\x01\n" +
@@ -530,34 +577,36 @@ func file_gpusched_v1_job_proto_rawDescGZIP() []byte {
 }
 
 var file_gpusched_v1_job_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpusched_v1_job_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_gpusched_v1_job_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_gpusched_v1_job_proto_goTypes = []any{
 	(JobState)(0),                 // 0: gpusched.v1.JobState
 	(*JobSpec)(nil),               // 1: gpusched.v1.JobSpec
 	(*NodeExit)(nil),              // 2: gpusched.v1.NodeExit
 	(*Job)(nil),                   // 3: gpusched.v1.Job
 	nil,                           // 4: gpusched.v1.JobSpec.EnvEntry
-	(*durationpb.Duration)(nil),   // 5: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
-	(*NodeEvent)(nil),             // 7: gpusched.v1.NodeEvent
+	nil,                           // 5: gpusched.v1.JobSpec.SelectorEntry
+	(*durationpb.Duration)(nil),   // 6: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
+	(*NodeEvent)(nil),             // 8: gpusched.v1.NodeEvent
 }
 var file_gpusched_v1_job_proto_depIdxs = []int32{
 	4,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
-	5,  // 1: gpusched.v1.JobSpec.time_limit:type_name -> google.protobuf.Duration
-	6,  // 2: gpusched.v1.NodeExit.time:type_name -> google.protobuf.Timestamp
-	1,  // 3: gpusched.v1.Job.spec:type_name -> gpusched.v1.JobSpec
-	0,  // 4: gpusched.v1.Job.state:type_name -> gpusched.v1.JobState
-	6,  // 5: gpusched.v1.Job.create_time:type_name -> google.protobuf.Timestamp
-	6,  // 6: gpusched.v1.Job.schedule_time:type_name -> google.protobuf.Timestamp
-	6,  // 7: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
-	6,  // 8: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
-	2,  // 9: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
-	7,  // 10: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	6,  // 1: gpusched.v1.JobSpec.time_limit:type_name -> google.protobuf.Duration
+	5,  // 2: gpusched.v1.JobSpec.selector:type_name -> gpusched.v1.JobSpec.SelectorEntry
+	7,  // 3: gpusched.v1.NodeExit.time:type_name -> google.protobuf.Timestamp
+	1,  // 4: gpusched.v1.Job.spec:type_name -> gpusched.v1.JobSpec
+	0,  // 5: gpusched.v1.Job.state:type_name -> gpusched.v1.JobState
+	7,  // 6: gpusched.v1.Job.create_time:type_name -> google.protobuf.Timestamp
+	7,  // 7: gpusched.v1.Job.schedule_time:type_name -> google.protobuf.Timestamp
+	7,  // 8: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
+	7,  // 9: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
+	2,  // 10: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
+	8,  // 11: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_job_proto_init() }
@@ -573,7 +622,7 @@ func file_gpusched_v1_job_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_job_proto_rawDesc), len(file_gpusched_v1_job_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

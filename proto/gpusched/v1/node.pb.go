@@ -365,9 +365,12 @@ type Node struct {
 	// Why the operator drained it.
 	DrainReason string `protobuf:"bytes,12,opt,name=drain_reason,json=drainReason,proto3" json:"drain_reason,omitempty"`
 	// Recent events on the node, oldest first (bounded).
-	Events        []*NodeEvent `protobuf:"bytes,13,rep,name=events,proto3" json:"events,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Events []*NodeEvent `protobuf:"bytes,13,rep,name=events,proto3" json:"events,omitempty"`
+	// Labels set by operators (gpusched nodes label). They override the
+	// agent's labels of the same key; labels above is the merged view.
+	OperatorLabels map[string]string `protobuf:"bytes,14,rep,name=operator_labels,json=operatorLabels,proto3" json:"operator_labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Node) Reset() {
@@ -487,6 +490,13 @@ func (x *Node) GetDrainReason() string {
 func (x *Node) GetEvents() []*NodeEvent {
 	if x != nil {
 		return x.Events
+	}
+	return nil
+}
+
+func (x *Node) GetOperatorLabels() map[string]string {
+	if x != nil {
+		return x.OperatorLabels
 	}
 	return nil
 }
@@ -802,7 +812,7 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	"\x04gpus\x18\x04 \x03(\v2\x10.gpusched.v1.GpuR\x04gpus\x12%\n" +
 	"\x0edriver_version\x18\x05 \x01(\tR\rdriverVersion\x12!\n" +
 	"\fcuda_version\x18\x06 \x01(\tR\vcudaVersion\x12\x1a\n" +
-	"\bhostname\x18\a \x01(\tR\bhostname\"\x98\x04\n" +
+	"\bhostname\x18\a \x01(\tR\bhostname\"\xab\x05\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x124\n" +
 	"\tinventory\x18\x02 \x01(\v2\x16.gpusched.v1.InventoryR\tinventory\x12,\n" +
@@ -817,8 +827,12 @@ const file_gpusched_v1_node_proto_rawDesc = "" +
 	" \x01(\tR\x06reason\x12\x14\n" +
 	"\x05drain\x18\v \x01(\bR\x05drain\x12!\n" +
 	"\fdrain_reason\x18\f \x01(\tR\vdrainReason\x12.\n" +
-	"\x06events\x18\r \x03(\v2\x16.gpusched.v1.NodeEventR\x06events\x1a9\n" +
+	"\x06events\x18\r \x03(\v2\x16.gpusched.v1.NodeEventR\x06events\x12N\n" +
+	"\x0foperator_labels\x18\x0e \x03(\v2%.gpusched.v1.Node.OperatorLabelsEntryR\x0eoperatorLabels\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1aA\n" +
+	"\x13OperatorLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x82\x02\n" +
 	"\tNodeEvent\x12.\n" +
@@ -883,7 +897,7 @@ func file_gpusched_v1_node_proto_rawDescGZIP() []byte {
 }
 
 var file_gpusched_v1_node_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_gpusched_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_gpusched_v1_node_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_gpusched_v1_node_proto_goTypes = []any{
 	(NodeState)(0),                // 0: gpusched.v1.NodeState
 	(NodeEventKind)(0),            // 1: gpusched.v1.NodeEventKind
@@ -893,22 +907,24 @@ var file_gpusched_v1_node_proto_goTypes = []any{
 	(*NodeEvent)(nil),             // 5: gpusched.v1.NodeEvent
 	(*GpuSample)(nil),             // 6: gpusched.v1.GpuSample
 	nil,                           // 7: gpusched.v1.Node.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	nil,                           // 8: gpusched.v1.Node.OperatorLabelsEntry
+	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
 }
 var file_gpusched_v1_node_proto_depIdxs = []int32{
 	2, // 0: gpusched.v1.Inventory.gpus:type_name -> gpusched.v1.Gpu
 	3, // 1: gpusched.v1.Node.inventory:type_name -> gpusched.v1.Inventory
 	0, // 2: gpusched.v1.Node.state:type_name -> gpusched.v1.NodeState
 	7, // 3: gpusched.v1.Node.labels:type_name -> gpusched.v1.Node.LabelsEntry
-	8, // 4: gpusched.v1.Node.register_time:type_name -> google.protobuf.Timestamp
+	9, // 4: gpusched.v1.Node.register_time:type_name -> google.protobuf.Timestamp
 	5, // 5: gpusched.v1.Node.events:type_name -> gpusched.v1.NodeEvent
-	8, // 6: gpusched.v1.NodeEvent.time:type_name -> google.protobuf.Timestamp
-	1, // 7: gpusched.v1.NodeEvent.kind:type_name -> gpusched.v1.NodeEventKind
-	8, // [8:8] is the sub-list for method output_type
-	8, // [8:8] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	8, // 6: gpusched.v1.Node.operator_labels:type_name -> gpusched.v1.Node.OperatorLabelsEntry
+	9, // 7: gpusched.v1.NodeEvent.time:type_name -> google.protobuf.Timestamp
+	1, // 8: gpusched.v1.NodeEvent.kind:type_name -> gpusched.v1.NodeEventKind
+	9, // [9:9] is the sub-list for method output_type
+	9, // [9:9] is the sub-list for method input_type
+	9, // [9:9] is the sub-list for extension type_name
+	9, // [9:9] is the sub-list for extension extendee
+	0, // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_node_proto_init() }
@@ -922,7 +938,7 @@ func file_gpusched_v1_node_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_node_proto_rawDesc), len(file_gpusched_v1_node_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -392,6 +392,112 @@ func (x *UndrainNodeResponse) GetNode() *Node {
 	return nil
 }
 
+type LabelNodeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Labels to set.
+	Set map[string]string `protobuf:"bytes,2,rep,name=set,proto3" json:"set,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Label keys to remove.
+	Remove        []string `protobuf:"bytes,3,rep,name=remove,proto3" json:"remove,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LabelNodeRequest) Reset() {
+	*x = LabelNodeRequest{}
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LabelNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LabelNodeRequest) ProtoMessage() {}
+
+func (x *LabelNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LabelNodeRequest.ProtoReflect.Descriptor instead.
+func (*LabelNodeRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *LabelNodeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *LabelNodeRequest) GetSet() map[string]string {
+	if x != nil {
+		return x.Set
+	}
+	return nil
+}
+
+func (x *LabelNodeRequest) GetRemove() []string {
+	if x != nil {
+		return x.Remove
+	}
+	return nil
+}
+
+type LabelNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *Node                  `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LabelNodeResponse) Reset() {
+	*x = LabelNodeResponse{}
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LabelNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LabelNodeResponse) ProtoMessage() {}
+
+func (x *LabelNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_node_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LabelNodeResponse.ProtoReflect.Descriptor instead.
+func (*LabelNodeResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_node_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *LabelNodeResponse) GetNode() *Node {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
 var File_gpusched_v1_node_service_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_node_service_proto_rawDesc = "" +
@@ -414,12 +520,22 @@ const file_gpusched_v1_node_service_proto_rawDesc = "" +
 	"\x12UndrainNodeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"<\n" +
 	"\x13UndrainNodeResponse\x12%\n" +
-	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node2\xbd\x02\n" +
+	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node\"\xac\x01\n" +
+	"\x10LabelNodeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x128\n" +
+	"\x03set\x18\x02 \x03(\v2&.gpusched.v1.LabelNodeRequest.SetEntryR\x03set\x12\x16\n" +
+	"\x06remove\x18\x03 \x03(\tR\x06remove\x1a6\n" +
+	"\bSetEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\":\n" +
+	"\x11LabelNodeResponse\x12%\n" +
+	"\x04node\x18\x01 \x01(\v2\x11.gpusched.v1.NodeR\x04node2\x89\x03\n" +
 	"\vNodeService\x12J\n" +
 	"\tListNodes\x12\x1d.gpusched.v1.ListNodesRequest\x1a\x1e.gpusched.v1.ListNodesResponse\x12D\n" +
 	"\aGetNode\x12\x1b.gpusched.v1.GetNodeRequest\x1a\x1c.gpusched.v1.GetNodeResponse\x12J\n" +
 	"\tDrainNode\x12\x1d.gpusched.v1.DrainNodeRequest\x1a\x1e.gpusched.v1.DrainNodeResponse\x12P\n" +
-	"\vUndrainNode\x12\x1f.gpusched.v1.UndrainNodeRequest\x1a .gpusched.v1.UndrainNodeResponseB\xab\x01\n" +
+	"\vUndrainNode\x12\x1f.gpusched.v1.UndrainNodeRequest\x1a .gpusched.v1.UndrainNodeResponse\x12J\n" +
+	"\tLabelNode\x12\x1d.gpusched.v1.LabelNodeRequest\x1a\x1e.gpusched.v1.LabelNodeResponseB\xab\x01\n" +
 	"\x0fcom.gpusched.v1B\x10NodeServiceProtoP\x01Z9github.com/gpusched/gpusched/proto/gpusched/v1;gpuschedv1\xa2\x02\x03GXX\xaa\x02\vGpusched.V1\xca\x02\vGpusched\\V1\xe2\x02\x17Gpusched\\V1\\GPBMetadata\xea\x02\fGpusched::V1b\x06proto3"
 
 var (
@@ -434,7 +550,7 @@ func file_gpusched_v1_node_service_proto_rawDescGZIP() []byte {
 	return file_gpusched_v1_node_service_proto_rawDescData
 }
 
-var file_gpusched_v1_node_service_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_gpusched_v1_node_service_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_gpusched_v1_node_service_proto_goTypes = []any{
 	(*ListNodesRequest)(nil),    // 0: gpusched.v1.ListNodesRequest
 	(*ListNodesResponse)(nil),   // 1: gpusched.v1.ListNodesResponse
@@ -444,28 +560,35 @@ var file_gpusched_v1_node_service_proto_goTypes = []any{
 	(*DrainNodeResponse)(nil),   // 5: gpusched.v1.DrainNodeResponse
 	(*UndrainNodeRequest)(nil),  // 6: gpusched.v1.UndrainNodeRequest
 	(*UndrainNodeResponse)(nil), // 7: gpusched.v1.UndrainNodeResponse
-	(NodeState)(0),              // 8: gpusched.v1.NodeState
-	(*Node)(nil),                // 9: gpusched.v1.Node
+	(*LabelNodeRequest)(nil),    // 8: gpusched.v1.LabelNodeRequest
+	(*LabelNodeResponse)(nil),   // 9: gpusched.v1.LabelNodeResponse
+	nil,                         // 10: gpusched.v1.LabelNodeRequest.SetEntry
+	(NodeState)(0),              // 11: gpusched.v1.NodeState
+	(*Node)(nil),                // 12: gpusched.v1.Node
 }
 var file_gpusched_v1_node_service_proto_depIdxs = []int32{
-	8, // 0: gpusched.v1.ListNodesRequest.states:type_name -> gpusched.v1.NodeState
-	9, // 1: gpusched.v1.ListNodesResponse.nodes:type_name -> gpusched.v1.Node
-	9, // 2: gpusched.v1.GetNodeResponse.node:type_name -> gpusched.v1.Node
-	9, // 3: gpusched.v1.DrainNodeResponse.node:type_name -> gpusched.v1.Node
-	9, // 4: gpusched.v1.UndrainNodeResponse.node:type_name -> gpusched.v1.Node
-	0, // 5: gpusched.v1.NodeService.ListNodes:input_type -> gpusched.v1.ListNodesRequest
-	2, // 6: gpusched.v1.NodeService.GetNode:input_type -> gpusched.v1.GetNodeRequest
-	4, // 7: gpusched.v1.NodeService.DrainNode:input_type -> gpusched.v1.DrainNodeRequest
-	6, // 8: gpusched.v1.NodeService.UndrainNode:input_type -> gpusched.v1.UndrainNodeRequest
-	1, // 9: gpusched.v1.NodeService.ListNodes:output_type -> gpusched.v1.ListNodesResponse
-	3, // 10: gpusched.v1.NodeService.GetNode:output_type -> gpusched.v1.GetNodeResponse
-	5, // 11: gpusched.v1.NodeService.DrainNode:output_type -> gpusched.v1.DrainNodeResponse
-	7, // 12: gpusched.v1.NodeService.UndrainNode:output_type -> gpusched.v1.UndrainNodeResponse
-	9, // [9:13] is the sub-list for method output_type
-	5, // [5:9] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	11, // 0: gpusched.v1.ListNodesRequest.states:type_name -> gpusched.v1.NodeState
+	12, // 1: gpusched.v1.ListNodesResponse.nodes:type_name -> gpusched.v1.Node
+	12, // 2: gpusched.v1.GetNodeResponse.node:type_name -> gpusched.v1.Node
+	12, // 3: gpusched.v1.DrainNodeResponse.node:type_name -> gpusched.v1.Node
+	12, // 4: gpusched.v1.UndrainNodeResponse.node:type_name -> gpusched.v1.Node
+	10, // 5: gpusched.v1.LabelNodeRequest.set:type_name -> gpusched.v1.LabelNodeRequest.SetEntry
+	12, // 6: gpusched.v1.LabelNodeResponse.node:type_name -> gpusched.v1.Node
+	0,  // 7: gpusched.v1.NodeService.ListNodes:input_type -> gpusched.v1.ListNodesRequest
+	2,  // 8: gpusched.v1.NodeService.GetNode:input_type -> gpusched.v1.GetNodeRequest
+	4,  // 9: gpusched.v1.NodeService.DrainNode:input_type -> gpusched.v1.DrainNodeRequest
+	6,  // 10: gpusched.v1.NodeService.UndrainNode:input_type -> gpusched.v1.UndrainNodeRequest
+	8,  // 11: gpusched.v1.NodeService.LabelNode:input_type -> gpusched.v1.LabelNodeRequest
+	1,  // 12: gpusched.v1.NodeService.ListNodes:output_type -> gpusched.v1.ListNodesResponse
+	3,  // 13: gpusched.v1.NodeService.GetNode:output_type -> gpusched.v1.GetNodeResponse
+	5,  // 14: gpusched.v1.NodeService.DrainNode:output_type -> gpusched.v1.DrainNodeResponse
+	7,  // 15: gpusched.v1.NodeService.UndrainNode:output_type -> gpusched.v1.UndrainNodeResponse
+	9,  // 16: gpusched.v1.NodeService.LabelNode:output_type -> gpusched.v1.LabelNodeResponse
+	12, // [12:17] is the sub-list for method output_type
+	7,  // [7:12] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_node_service_proto_init() }
@@ -480,7 +603,7 @@ func file_gpusched_v1_node_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_node_service_proto_rawDesc), len(file_gpusched_v1_node_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

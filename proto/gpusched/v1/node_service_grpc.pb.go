@@ -23,6 +23,7 @@ const (
 	NodeService_GetNode_FullMethodName     = "/gpusched.v1.NodeService/GetNode"
 	NodeService_DrainNode_FullMethodName   = "/gpusched.v1.NodeService/DrainNode"
 	NodeService_UndrainNode_FullMethodName = "/gpusched.v1.NodeService/UndrainNode"
+	NodeService_LabelNode_FullMethodName   = "/gpusched.v1.NodeService/LabelNode"
 )
 
 // NodeServiceClient is the client API for NodeService service.
@@ -41,6 +42,9 @@ type NodeServiceClient interface {
 	DrainNode(ctx context.Context, in *DrainNodeRequest, opts ...grpc.CallOption) (*DrainNodeResponse, error)
 	// UndrainNode returns a drained node to service.
 	UndrainNode(ctx context.Context, in *UndrainNodeRequest, opts ...grpc.CallOption) (*UndrainNodeResponse, error)
+	// LabelNode sets and removes operator labels on a node (rack, switch,
+	// zone, pool, ...). They override the agent's labels of the same key.
+	LabelNode(ctx context.Context, in *LabelNodeRequest, opts ...grpc.CallOption) (*LabelNodeResponse, error)
 }
 
 type nodeServiceClient struct {
@@ -91,6 +95,16 @@ func (c *nodeServiceClient) UndrainNode(ctx context.Context, in *UndrainNodeRequ
 	return out, nil
 }
 
+func (c *nodeServiceClient) LabelNode(ctx context.Context, in *LabelNodeRequest, opts ...grpc.CallOption) (*LabelNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LabelNodeResponse)
+	err := c.cc.Invoke(ctx, NodeService_LabelNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // NodeServiceServer is the server API for NodeService service.
 // All implementations must embed UnimplementedNodeServiceServer
 // for forward compatibility.
@@ -107,6 +121,9 @@ type NodeServiceServer interface {
 	DrainNode(context.Context, *DrainNodeRequest) (*DrainNodeResponse, error)
 	// UndrainNode returns a drained node to service.
 	UndrainNode(context.Context, *UndrainNodeRequest) (*UndrainNodeResponse, error)
+	// LabelNode sets and removes operator labels on a node (rack, switch,
+	// zone, pool, ...). They override the agent's labels of the same key.
+	LabelNode(context.Context, *LabelNodeRequest) (*LabelNodeResponse, error)
 	mustEmbedUnimplementedNodeServiceServer()
 }
 
@@ -128,6 +145,9 @@ func (UnimplementedNodeServiceServer) DrainNode(context.Context, *DrainNodeReque
 }
 func (UnimplementedNodeServiceServer) UndrainNode(context.Context, *UndrainNodeRequest) (*UndrainNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UndrainNode not implemented")
+}
+func (UnimplementedNodeServiceServer) LabelNode(context.Context, *LabelNodeRequest) (*LabelNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LabelNode not implemented")
 }
 func (UnimplementedNodeServiceServer) mustEmbedUnimplementedNodeServiceServer() {}
 func (UnimplementedNodeServiceServer) testEmbeddedByValue()                     {}
@@ -222,6 +242,24 @@ func _NodeService_UndrainNode_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _NodeService_LabelNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LabelNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(NodeServiceServer).LabelNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: NodeService_LabelNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(NodeServiceServer).LabelNode(ctx, req.(*LabelNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // NodeService_ServiceDesc is the grpc.ServiceDesc for NodeService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -244,6 +282,10 @@ var NodeService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UndrainNode",
 			Handler:    _NodeService_UndrainNode_Handler,
+		},
+		{
+			MethodName: "LabelNode",
+			Handler:    _NodeService_LabelNode_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
