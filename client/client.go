@@ -338,3 +338,41 @@ func (c *Client) Label(ctx context.Context, node string, set map[string]string, 
 	})
 	return resp.GetNode(), err
 }
+
+// SetTenant creates or replaces a tenant's limits and weight.
+func (c *Client) SetTenant(ctx context.Context, t *pb.Tenant) (*pb.Tenant, error) {
+	var resp *pb.SetTenantResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewTenantServiceClient(conn).SetTenant(ctx, &pb.SetTenantRequest{Tenant: t})
+		return err
+	})
+	return resp.GetTenant(), err
+}
+
+// Tenants lists tenants with their usage.
+func (c *Client) Tenants(ctx context.Context) ([]*pb.TenantUsage, error) {
+	var resp *pb.ListTenantsResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewTenantServiceClient(conn).ListTenants(ctx, &pb.ListTenantsRequest{})
+		return err
+	})
+	return resp.GetTenants(), err
+}
+
+// Queues lists queues with their job counts.
+func (c *Client) Queues(ctx context.Context) ([]*pb.QueueUsage, error) {
+	var resp *pb.ListQueuesResponse
+	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
+		resp, err = pb.NewQueueServiceClient(conn).ListQueues(ctx, &pb.ListQueuesRequest{})
+		return err
+	})
+	return resp.GetQueues(), err
+}
+
+// QueueService returns the raw queue API, for create, update, pause and
+// resume.
+func (c *Client) QueueService(ctx context.Context, fn func(ctx context.Context, q pb.QueueServiceClient) error) error {
+	return c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
+		return fn(ctx, pb.NewQueueServiceClient(conn))
+	})
+}

@@ -269,24 +269,28 @@ func TestPendingJobsSayWhyTheyWait(t *testing.T) {
 	waitAllReady(t, c) // nothing was leased
 }
 
-func TestAGangGetsAllItsNodesOrNone(t *testing.T) {
+func TestAGangGetsAllItsNodesOrNoneAndSmallJobsDoNotStarveIt(t *testing.T) {
 	c := cluster(t, 4, schedtest.AgentConfig{}, engine.Config{})
 	blocker := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
 	blocking := schedtest.WaitJobState(t, c.Replica.Jobs, blocker.GetId(), pb.JobState_JOB_STATE_RUNNING)
 
 	gang := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(4))
 	small := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
-	smallRunning := schedtest.WaitJobState(t, c.Replica.Jobs, small.GetId(), pb.JobState_JOB_STATE_RUNNING)
 	waiting := schedtest.WaitJob(t, c.Replica.Jobs, gang.GetId(), "to wait for free nodes", func(j *pb.Job) bool {
 		return j.GetState() == pb.JobState_JOB_STATE_PENDING && strings.HasPrefix(j.GetReason(), "waiting for 4 H100 nodes;")
 	})
 	if s := startsOf(c, gang.GetId()); len(s) != 0 || len(waiting.GetNodes()) != 0 {
-		t.Fatalf("the waiting gang holds nodes: starts %v, nodes %v", s, waiting.GetNodes())
+		t.Fatalf("the waiting gang got nodes: starts %v, nodes %v", s, waiting.GetNodes())
 	}
+	// The free nodes are held for the gang, which is next by policy: the
+	// small job behind it waits instead of taking one of them.
+	schedtest.WaitJob(t, c.Replica.Jobs, small.GetId(), "to wait behind the gang", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_PENDING && j.GetReason() == "behind job "+gang.GetId()+" (needs 4 H100 nodes) in queue default"
+	})
 
-	// Once the others end, the gang gets all four nodes at once.
+	// Once the blocker ends, the gang gets all four nodes at once, then the
+	// small job runs.
 	c.Agent(blocking.GetNodes()[0]).Exit(blocking.GetLeaseId(), 0, "")
-	c.Agent(smallRunning.GetNodes()[0]).Exit(smallRunning.GetLeaseId(), 0, "")
 	running := schedtest.WaitJobState(t, c.Replica.Jobs, gang.GetId(), pb.JobState_JOB_STATE_RUNNING)
 	nodes := slices.Clone(running.GetNodes())
 	sort.Strings(nodes)
@@ -294,6 +298,10 @@ func TestAGangGetsAllItsNodesOrNone(t *testing.T) {
 		t.Errorf("gang nodes = %v; want all four", running.GetNodes())
 	}
 	waitStarts(t, c, gang.GetId(), 4)
+	for _, n := range running.GetNodes() {
+		c.Agent(n).Exit(running.GetLeaseId(), 0, "")
+	}
+	schedtest.WaitJobState(t, c.Replica.Jobs, small.GetId(), pb.JobState_JOB_STATE_RUNNING)
 }
 
 func TestJobsRunInSubmissionOrder(t *testing.T) {
@@ -1033,5 +1041,77 @@ func TestAGangWithARequiredRackWaitsForOneRackAndOperatorLabelsCount(t *testing.
 	}
 	if _, err := c.Replica.Nodes.LabelNode(ctx, &pb.LabelNodeRequest{Id: "node-0", Set: map[string]string{"bad key": "x"}}); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("a bad label key = %v; want InvalidArgument", err)
+	}
+}
+
+func TestTenantQuotasAndQueues(t *testing.T) {
+	c := cluster(t, 3, schedtest.AgentConfig{}, engine.Config{})
+	ctx := schedtest.Context(t)
+	tenants := pb.NewTenantServiceClient(c.Replica.Conn)
+	queues := pb.NewQueueServiceClient(c.Replica.Conn)
+	if _, err := tenants.SetTenant(ctx, &pb.SetTenantRequest{Tenant: &pb.Tenant{Name: "acme", MaxNodes: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	acme := func() *pb.JobSpec { s := schedtest.Spec(1); s.Tenant = "acme"; return s }
+	first := schedtest.Submit(t, c.Replica.Jobs, acme())
+	schedtest.WaitJobState(t, c.Replica.Jobs, first.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	second := schedtest.Submit(t, c.Replica.Jobs, acme())
+	schedtest.WaitJob(t, c.Replica.Jobs, second.GetId(), "to wait at its tenant's quota", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_PENDING && j.GetReason() == "tenant acme at quota (1/1 nodes)"
+	})
+
+	// A paused queue starts nothing; resuming it does.
+	if _, err := queues.CreateQueue(ctx, &pb.CreateQueueRequest{Queue: &pb.Queue{Name: "batch", Priority: -5}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := queues.CreateQueue(ctx, &pb.CreateQueueRequest{Queue: &pb.Queue{Name: "batch"}}); status.Code(err) != codes.AlreadyExists {
+		t.Errorf("creating batch twice = %v; want AlreadyExists", err)
+	}
+	if _, err := queues.PauseQueue(ctx, &pb.PauseQueueRequest{Name: "batch"}); err != nil {
+		t.Fatal(err)
+	}
+	b := schedtest.Spec(1)
+	b.Queue = "batch"
+	inBatch := schedtest.Submit(t, c.Replica.Jobs, b)
+	schedtest.WaitJob(t, c.Replica.Jobs, inBatch.GetId(), "to wait in its paused queue", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_PENDING && j.GetReason() == "queue batch paused"
+	})
+	if _, err := queues.ResumeQueue(ctx, &pb.ResumeQueueRequest{Name: "batch"}); err != nil {
+		t.Fatal(err)
+	}
+	schedtest.WaitJobState(t, c.Replica.Jobs, inBatch.GetId(), pb.JobState_JOB_STATE_RUNNING)
+
+	unknown := schedtest.Spec(1)
+	unknown.Queue = "nope"
+	if _, err := c.Replica.Jobs.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: unknown}); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "spec.queue") {
+		t.Errorf("a job in an unknown queue = %v; want InvalidArgument on spec.queue", err)
+	}
+	list, err := tenants.ListTenants(ctx, &pb.ListTenantsRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range list.GetTenants() {
+		if u.GetTenant().GetName() == "acme" && (u.GetNodes() != 1 || u.GetPendingJobs() != 1) {
+			t.Errorf("acme usage = %v; want 1 node held and 1 job pending", u)
+		}
+	}
+}
+
+func TestAHigherPriorityQueueGoesFirst(t *testing.T) {
+	c := cluster(t, 1, schedtest.AgentConfig{}, engine.Config{})
+	ctx := schedtest.Context(t)
+	if _, err := pb.NewQueueServiceClient(c.Replica.Conn).CreateQueue(ctx, &pb.CreateQueueRequest{Queue: &pb.Queue{Name: "urgent", Priority: 100}}); err != nil {
+		t.Fatal(err)
+	}
+	blocker := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, blocker.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	normal := schedtest.Submit(t, c.Replica.Jobs, schedtest.Spec(1))
+	u := schedtest.Spec(1)
+	u.Queue = "urgent"
+	urgent := schedtest.Submit(t, c.Replica.Jobs, u)
+	c.Agents[0].Exit(running.GetLeaseId(), 0, "")
+	schedtest.WaitJobState(t, c.Replica.Jobs, urgent.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	if j := schedtest.GetJob(t, c.Replica.Jobs, normal.GetId()); j.GetState() != pb.JobState_JOB_STATE_PENDING {
+		t.Errorf("the earlier job in the default queue is %s; want it still PENDING behind the urgent one", j.GetState())
 	}
 }

@@ -118,6 +118,8 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 	f.DurationVar(&timeLimit, "time-limit", 0, "wall-clock limit, e.g. 30m or 2h (0: none)")
 	f.StringVar(&spec.Name, "name", "", "job name")
 	f.StringVar(&spec.Tenant, "tenant", "", "tenant to bill (default \"default\")")
+	f.StringVar(&spec.Queue, "queue", "", "queue to wait in (default \"default\")")
+	f.Int32Var(&spec.Priority, "priority", 0, "priority within the queue, -1000..1000 (higher goes first)")
 	f.StringArrayVar(&env, "env", nil, "extra environment KEY=VALUE (repeatable)")
 	f.Int32Var(&maxRetries, "max-retries", 1, "requeue the job under a new lease at most this often when it loses a node")
 	f.StringVar(&minMemory, "min-gpu-memory", "", "least memory per GPU, e.g. 80GB or 141GiB (GB = 10^9 bytes, as GPUs are labelled)")

@@ -88,7 +88,7 @@ replicas).`,
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
 		newEtcdCmd(),
 		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(), newCheckCmd(),
-		newDrainCmd(), newUndrainCmd(), newTelemetryCmd(), newMockCmd(),
+		newDrainCmd(), newUndrainCmd(), newTelemetryCmd(), newMockCmd(), newTenantsCmd(), newQueuesCmd(),
 	)
 	return root
 }

@@ -21,6 +21,7 @@ var errorCodes = []struct {
 	{model.ErrInvalid, codes.InvalidArgument},
 	{engine.ErrAgentInvalid, codes.InvalidArgument},
 	{model.ErrNotFound, codes.NotFound},
+	{model.ErrAlreadyExists, codes.AlreadyExists},
 	{model.ErrJobEnded, codes.FailedPrecondition},
 	{model.ErrFailedPrecondition, codes.FailedPrecondition},
 	{model.ErrNotLeader, codes.Unavailable},

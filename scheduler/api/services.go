@@ -51,6 +51,8 @@ func Register(srv *grpc.Server, b Backend) {
 		pb.RegisterTelemetryServiceServer(srv, &telemetryServer{b: b})
 	}
 	pb.RegisterMockServiceServer(srv, &mockServer{b: b})
+	pb.RegisterTenantServiceServer(srv, &tenantServer{b: b})
+	pb.RegisterQueueServiceServer(srv, &queueServer{b: b})
 }
 
 // forwardedKey marks a call a follower forwarded, so it is never forwarded

@@ -36,6 +36,9 @@ type Config struct {
 	CommitTimeout time.Duration
 	// MaxBatch bounds how many events one loop turn applies. Default 4096.
 	MaxBatch int
+	// AgingStep: every AgingStep a job waits adds 1 to its priority, so
+	// nothing starves. Default 5m.
+	AgingStep time.Duration
 	// Telemetry receives every telemetry batch an agent reports (the
 	// replica's telemetry hub). Nil drops telemetry.
 	Telemetry func(node string, b *pb.TelemetryBatch)
@@ -63,6 +66,9 @@ func (c *Config) setDefaults() {
 	if c.MaxBatch <= 0 {
 		c.MaxBatch = 4096
 	}
+	if c.AgingStep <= 0 {
+		c.AgingStep = 5 * time.Minute
+	}
 }
 
 // Engine runs one leadership term. Create with New, then call Run once.
@@ -81,9 +87,13 @@ type Engine struct {
 	order  []*model.Job // every job by Seq, for listing in ID order
 	nodes  map[string]*nodeEntry
 	leases map[string]*leaseEntry
-	queue  pendingQueue
-	jobSeq uint64
-	ready  bool // state loaded
+	// tenants and queues are the policy settings; queues always holds
+	// model.DefaultQueue.
+	tenants map[string]model.Tenant
+	queues  map[string]model.Queue
+	queue   pendingQueue
+	jobSeq  uint64
+	ready   bool // state loaded
 
 	// Per-turn accumulators, only touched by the loop.
 	changes   []store.Change
@@ -112,6 +122,8 @@ func New(cfg Config) *Engine {
 		jobs:    map[string]*model.Job{},
 		nodes:   map[string]*nodeEntry{},
 		leases:  map[string]*leaseEntry{},
+		tenants: map[string]model.Tenant{},
+		queues:  map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
 	}
 }
 

@@ -54,6 +54,11 @@ func (e *Engine) Submit(ctx context.Context, spec model.JobSpec) (*model.Job, er
 }
 
 func (ev *submitEvent) apply(e *Engine) {
+	if _, ok := e.queues[ev.spec.Queue]; !ok {
+		err := &model.ValidationError{Violations: []model.FieldViolation{{Field: "spec.queue", Description: fmt.Sprintf("no queue %q (create it with gpusched queues create)", ev.spec.Queue)}}}
+		e.reply(func() { ev.reply <- result{err: err} })
+		return
+	}
 	seq, id := e.nextJobID()
 	j := &model.Job{
 		ID: id, Seq: seq, Spec: ev.spec, State: model.JobPending,
@@ -105,13 +110,16 @@ func (ev *cancelEvent) apply(e *Engine) {
 	e.reply(func() { ev.reply <- res })
 }
 
-// schedule runs one placement cycle over the pending queue.
+// schedule runs one placement cycle over the pending queue, ordered by
+// policy (queue priority, fair share, job priority with aging, age) and
+// bounded by tenants' quotas; see scheduler/placement.
 func (e *Engine) schedule() {
 	e.queue.compact()
 	if len(e.queue.jobs) == 0 {
 		return
 	}
 	var free, all []placement.Node
+	usage := map[string]placement.Usage{}
 	for _, n := range e.nodes {
 		pn := placement.Node{ID: n.node.ID, GPUModel: n.node.Inventory.GPUModel, GPUCount: n.node.Inventory.GPUCount,
 			GPUMemoryBytes: n.node.Inventory.GPUMemoryBytes, Labels: n.node.EffectiveLabels()}
@@ -119,11 +127,22 @@ func (e *Engine) schedule() {
 		if n.placeable() {
 			free = append(free, pn)
 		}
+		if le := e.leases[n.lease]; n.lease != "" && le != nil {
+			u := usage[le.lease.Tenant]
+			if u.PerModel == nil {
+				u.PerModel = map[string]int{}
+			}
+			u.Nodes++
+			u.PerModel[pn.GPUModel]++
+			usage[le.lease.Tenant] = u
+		}
 	}
+	now := e.cfg.Now()
 	reqs := make([]placement.Request, len(e.queue.jobs))
 	for i, j := range e.queue.jobs {
 		reqs[i] = placement.Request{JobID: j.ID, Nodes: j.Spec.Nodes, GPUModel: j.Spec.GPUModel, GPUsPerNode: j.Spec.GPUsPerNode,
-			MinGPUMemoryBytes: j.Spec.MinGPUMemoryBytes, Selector: j.Spec.Selector}
+			MinGPUMemoryBytes: j.Spec.MinGPUMemoryBytes, Selector: j.Spec.Selector,
+			Tenant: j.Spec.Tenant, Queue: j.Spec.Queue, Priority: j.Spec.Priority, Seq: j.Seq, Waited: now.Sub(j.CreateTime)}
 		switch {
 		case j.Spec.Topology != "":
 			reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.Topology), Required: true}
@@ -131,7 +150,15 @@ func (e *Engine) schedule() {
 			reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.PreferTopology)}
 		}
 	}
-	plan := placement.Place(placement.NewSnapshot(free, all), reqs)
+	policy := placement.Policy{Tenants: map[string]placement.Tenant{}, Queues: map[string]placement.Queue{},
+		Usage: usage, AgingStep: e.cfg.AgingStep}
+	for name, t := range e.tenants {
+		policy.Tenants[name] = placement.Tenant{Name: name, MaxNodes: t.MaxNodes, MaxNodesPerModel: t.MaxNodesPerModel, Weight: t.Weight}
+	}
+	for name, q := range e.queues {
+		policy.Queues[name] = placement.Queue{Name: name, Priority: q.Priority, Weight: q.Weight, Paused: q.Paused}
+	}
+	plan := placement.Schedule(placement.NewSnapshot(free, all), policy, reqs)
 	for id, why := range plan.Pending {
 		e.jobs[id].Reason = why
 	}

@@ -134,6 +134,12 @@ func (e *Engine) load(ctx context.Context) error {
 	defer e.mu.Unlock()
 	now := e.cfg.Now()
 	e.jobSeq = st.JobSeq
+	for _, t := range st.Tenants {
+		e.tenants[t.Name] = t
+	}
+	for _, q := range st.Queues {
+		e.queues[q.Name] = q
+	}
 	for _, n := range st.Nodes {
 		e.nodes[n.ID] = &nodeEntry{node: n, disconnectedAt: now}
 	}

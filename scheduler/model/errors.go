@@ -13,6 +13,8 @@ var (
 	ErrInvalid = errors.New("scheduler: invalid request")
 	// ErrNotFound: no job, node or lease by that ID.
 	ErrNotFound = errors.New("scheduler: not found")
+	// ErrAlreadyExists: the object to create exists already.
+	ErrAlreadyExists = errors.New("scheduler: already exists")
 	// ErrJobEnded: the job already reached a terminal state.
 	ErrJobEnded = errors.New("scheduler: job already ended")
 	// ErrNotLeader: this replica does not lead and cannot do leader work.

@@ -55,6 +55,9 @@ type JobSpec struct {
 	// TopologySameSwitch, required; PreferTopology the same, preferred.
 	Topology       string
 	PreferTopology string
+	// Queue the job waits in, and its priority there (higher first).
+	Queue    string
+	Priority int
 }
 
 // Gang topologies and the node label each is about.

@@ -81,6 +81,14 @@ func NormalizeJobSpec(s JobSpec) (JobSpec, error) {
 	if s.Topology != "" && s.PreferTopology != "" {
 		v.add("spec.prefer_topology", "must not be set together with spec.topology")
 	}
+	if s.Queue == "" {
+		s.Queue = DefaultQueue
+	} else if !nameRE.MatchString(s.Queue) || len(s.Queue) > MaxNameLen {
+		v.add("spec.queue", "must be letters, digits, '.', '_' or '-', starting with a letter or digit")
+	}
+	if s.Priority < MinPriority || s.Priority > MaxPriority {
+		v.add("spec.priority", fmt.Sprintf("must be between %d and %d, got %d", MinPriority, MaxPriority, s.Priority))
+	}
 	if s.MaxRetries < 0 || s.MaxRetries > MaxRetries {
 		v.add("spec.max_retries", fmt.Sprintf("must be between 0 and %d, got %d", MaxRetries, s.MaxRetries))
 	}

@@ -49,6 +49,10 @@ func TestNormalizeJobSpecRejects(t *testing.T) {
 			[]violation{{"spec.selector", `key "po ol"`}}},
 		{"a selector value with a comma is rejected", func(s *JobSpec) { s.Selector = map[string]string{"pool": "a,b"} },
 			[]violation{{"spec.selector", `value "a,b" of "pool"`}}},
+		{"a priority above the maximum is rejected", func(s *JobSpec) { s.Priority = MaxPriority + 1 },
+			[]violation{{"spec.priority", "between -1000 and 1000, got 1001"}}},
+		{"a queue name with a slash is rejected", func(s *JobSpec) { s.Queue = "a/b" },
+			[]violation{{"spec.queue", "letters, digits"}}},
 		{"negative max retries are rejected", func(s *JobSpec) { s.MaxRetries = -1 },
 			[]violation{{"spec.max_retries", "between 0 and 100, got -1"}}},
 		{"too many max retries are rejected", func(s *JobSpec) { s.MaxRetries = MaxRetries + 1 },
@@ -160,6 +164,7 @@ func TestNormalizeJobSpecAccepts(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			in, want := valid(), valid()
+			want.Queue = DefaultQueue // an empty queue is the default one
 			c.change(&in)
 			c.want(&want)
 			got, err := NormalizeJobSpec(in)

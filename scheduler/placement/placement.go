@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 )
 
 // Node is what placement needs to know of one node.
@@ -128,6 +129,13 @@ type Request struct {
 	// this value.
 	Selector map[string]string
 	Topology Topology
+
+	// Policy inputs, used by Schedule (Place ignores them).
+	Tenant   string
+	Queue    string        // empty: DefaultQueue
+	Priority int           // within the queue; higher first
+	Seq      uint64        // submission order, unique
+	Waited   time.Duration // how long the job has been pending
 }
 
 // matches is the bucket-level filter: model, GPU count and memory.
@@ -218,20 +226,32 @@ type Plan struct {
 	Pending map[string]string
 }
 
-// cursor is Place's per-bucket consumption state; the Snapshot is untouched.
+// cursor is a cycle's per-bucket consumption state; the Snapshot is untouched.
 type cursor struct {
-	taken []bool // by index into the bucket's free list
-	n     int    // how many are taken
-	next  int    // every node before next is taken
+	state []uint8 // by index into the bucket's free list: nodeFree, nodeTaken or nodeHeld
+	n     int     // how many are not free (taken or held)
+	held  int     // how many are held
+	next  int     // every node before next is taken or held
 }
 
-func (c *cursor) take(i int) {
-	c.taken[i] = true
+const (
+	nodeFree uint8 = iota
+	nodeTaken
+	nodeHeld // kept free for a blocked gang (Schedule only)
+)
+
+func (c *cursor) mark(i int, st uint8) {
+	c.state[i] = st
 	c.n++
-	for c.next < len(c.taken) && c.taken[c.next] {
+	if st == nodeHeld {
+		c.held++
+	}
+	for c.next < len(c.state) && c.state[c.next] != nodeFree {
 		c.next++
 	}
 }
+
+func (c *cursor) take(i int) { c.mark(i, nodeTaken) }
 
 // candidate is a free node that passed every filter for one request.
 type candidate struct {
@@ -240,9 +260,26 @@ type candidate struct {
 	has    bool   // the node has the topology label
 }
 
+// cycle is the consumption state of one Place or Schedule call.
+type cycle struct {
+	s             *Snapshot
+	cur           []cursor
+	cands, cands2 []candidate // scratch, reused across requests
+	holds         int         // nodes held (Schedule only)
+}
+
+func newCycle(s *Snapshot) *cycle {
+	c := &cycle{s: s, cur: make([]cursor, len(s.buckets))}
+	for b := range c.cur {
+		c.cur[b].state = make([]uint8, len(s.buckets[b].freeIdx))
+	}
+	return c
+}
+
 // Place assigns nodes to requests in the order given (the caller's policy
 // order). A request gets all its nodes or none (gang); a request that does
-// not fit leaves its nodes to later requests.
+// not fit leaves its nodes to later requests. Place holds no nodes and
+// applies no quota: Schedule is the policy-driven entry point.
 //
 // Filters, in order: (model, GPUs/node, memory) bucket → label selector →
 // topology domain. Simple requests (no selector, no topology) are decided
@@ -256,73 +293,179 @@ type candidate struct {
 // counts come from list lengths minus what this call has taken.
 func Place(s *Snapshot, reqs []Request) Plan {
 	plan := Plan{Pending: map[string]string{}}
-	cur := make([]cursor, len(s.buckets))
-	for b := range cur {
-		cur[b].taken = make([]bool, len(s.buckets[b].freeIdx))
-	}
-	var cands []candidate // scratch, reused across requests
+	c := newCycle(s)
 	for _, r := range reqs {
-		if r.simple() {
-			free := 0
-			for b := range s.buckets {
-				if r.matches(s.buckets[b].key) {
-					free += len(s.buckets[b].freeIdx) - cur[b].n
-				}
-			}
-			if free < r.Nodes {
-				plan.Pending[r.JobID] = s.reason(r, free, nil)
-				continue
-			}
-			nodes := make([]string, 0, r.Nodes)
-			for b := range s.buckets {
-				if !r.matches(s.buckets[b].key) {
-					continue
-				}
-				c := &cur[b]
-				for i := c.next; i < len(c.taken) && len(nodes) < r.Nodes; i++ {
-					if !c.taken[i] {
-						nodes = append(nodes, s.buckets[b].freeNode(i).ID)
-						c.take(i)
-					}
-				}
-			}
-			plan.Assignments = append(plan.Assignments, Assignment{JobID: r.JobID, Nodes: nodes})
+		a := c.attempt(r, nil)
+		if !a.ok {
+			plan.Pending[r.JobID] = a.why
 			continue
 		}
-
-		cands = s.candidates(r, cur, cands[:0])
-		if len(cands) < r.Nodes {
-			plan.Pending[r.JobID] = s.reason(r, len(cands), nil)
-			continue
-		}
-		pick, ok := choose(r, cands)
-		if !ok {
-			plan.Pending[r.JobID] = s.reason(r, len(cands), cands)
-			continue
-		}
-		nodes := make([]string, len(pick))
-		for j, c := range pick {
-			nodes[j] = s.buckets[c.b].freeNode(c.i).ID
-			cur[c.b].take(c.i)
-		}
-		plan.Assignments = append(plan.Assignments, Assignment{JobID: r.JobID, Nodes: nodes})
+		plan.Assignments = append(plan.Assignments, Assignment{JobID: r.JobID, Nodes: c.commit(a.pick)})
 	}
 	return plan
 }
 
-// candidates appends the untaken free nodes that pass every node filter, in
-// scan order (bucket order, then ID).
-func (s *Snapshot) candidates(r Request, cur []cursor, out []candidate) []candidate {
-	for b := range s.buckets {
-		if !r.matches(s.buckets[b].key) {
+// outcome is one attempt to place a request.
+type outcome struct {
+	ok   bool
+	pick []candidate // when ok: the nodes, in rank order
+	why  string      // when not ok
+	// wait: not ok only because nodes are busy or held; the cluster as it
+	// stands could hold the request.
+	wait bool
+	// behind: it would fit if the held nodes were free.
+	behind bool
+	// capped: it would fit (by count) without the per-model budget.
+	capped bool
+}
+
+// attempt decides r against the free, unheld nodes. budget, when not nil,
+// is how many more nodes of each listed model r may take (a tenant's
+// per-model caps for a request of any model); unlisted models are
+// unlimited. attempt changes nothing: commit takes the pick.
+func (c *cycle) attempt(r Request, budget map[string]int) outcome {
+	if r.simple() {
+		free := c.simpleFree(r, budget, false)
+		if free >= r.Nodes {
+			c.cands = c.simplePick(r, budget, r.Nodes, c.cands[:0])
+			return outcome{ok: true, pick: c.cands}
+		}
+		if c.holds > 0 && c.simpleFree(r, budget, true) >= r.Nodes {
+			return outcome{behind: true, wait: true}
+		}
+		if budget != nil && c.simpleFree(r, nil, false) >= r.Nodes {
+			return outcome{capped: true}
+		}
+		why, wait := c.s.reason(r, free, nil)
+		return outcome{why: why, wait: wait}
+	}
+
+	c.cands = c.candidates(r, budget, false, c.cands[:0])
+	if len(c.cands) >= r.Nodes {
+		if pick, ok := choose(r, c.cands); ok {
+			return outcome{ok: true, pick: pick}
+		}
+	}
+	if c.holds > 0 {
+		c.cands2 = c.candidates(r, budget, true, c.cands2[:0])
+		if len(c.cands2) >= r.Nodes {
+			if _, ok := choose(r, c.cands2); ok {
+				return outcome{behind: true, wait: true}
+			}
+		}
+	}
+	if budget != nil {
+		c.cands2 = c.candidates(r, nil, false, c.cands2[:0])
+		if len(c.cands2) >= r.Nodes {
+			if _, ok := choose(r, c.cands2); ok {
+				return outcome{capped: true}
+			}
+		}
+	}
+	var why string
+	var wait bool
+	if len(c.cands) < r.Nodes {
+		why, wait = c.s.reason(r, len(c.cands), nil)
+	} else {
+		why, wait = c.s.reason(r, len(c.cands), c.cands)
+	}
+	return outcome{why: why, wait: wait}
+}
+
+// commit takes the picked nodes and returns their IDs in rank order.
+func (c *cycle) commit(pick []candidate) []string {
+	nodes := make([]string, len(pick))
+	for j, cd := range pick {
+		nodes[j] = c.s.buckets[cd.b].freeNode(cd.i).ID
+		c.cur[cd.b].take(cd.i)
+	}
+	return nodes
+}
+
+// simpleFree counts the free nodes a simple request may take: per bucket
+// counts, capped per model by budget. withHeld counts held nodes as free.
+func (c *cycle) simpleFree(r Request, budget map[string]int, withHeld bool) int {
+	total, run, model, open := 0, 0, "", false
+	flush := func() {
+		if lim, ok := budget[model]; ok {
+			run = min(run, lim)
+		}
+		total += run
+	}
+	for b := range c.s.buckets {
+		k := c.s.buckets[b].key
+		if !r.matches(k) {
 			continue
 		}
-		c := &cur[b]
-		for i := c.next; i < len(c.taken); i++ {
-			if c.taken[i] {
+		if !open || k.model != model { // buckets are sorted by model first
+			if open {
+				flush()
+			}
+			model, run, open = k.model, 0, true
+		}
+		run += len(c.cur[b].state) - c.cur[b].n
+		if withHeld {
+			run += c.cur[b].held
+		}
+	}
+	if open {
+		flush()
+	}
+	return total
+}
+
+// simplePick appends up to n free, unheld nodes that match a simple request,
+// in bucket and ID order, within budget.
+func (c *cycle) simplePick(r Request, budget map[string]int, n int, out []candidate) []candidate {
+	got, model, left, capped, open := 0, "", 0, false, false
+	for b := range c.s.buckets {
+		k := c.s.buckets[b].key
+		if !r.matches(k) {
+			continue
+		}
+		if !open || k.model != model { // buckets are sorted by model first
+			model, open = k.model, true
+			left, capped = budget[model]
+		}
+		cu := &c.cur[b]
+		for i := cu.next; i < len(cu.state) && got < n && (!capped || left > 0); i++ {
+			if cu.state[i] == nodeFree {
+				out = append(out, candidate{b: b, i: i})
+				got++
+				left--
+			}
+		}
+		if got == n {
+			break
+		}
+	}
+	return out
+}
+
+// candidates appends the untaken free nodes that pass every node filter, in
+// scan order (bucket order, then ID), within budget (see attempt). withHeld
+// includes held nodes.
+func (c *cycle) candidates(r Request, budget map[string]int, withHeld bool, out []candidate) []candidate {
+	model, left, capped, open := "", 0, false, false
+	for b := range c.s.buckets {
+		k := c.s.buckets[b].key
+		if !r.matches(k) {
+			continue
+		}
+		if !open || k.model != model { // buckets are sorted by model first
+			model, open = k.model, true
+			left, capped = budget[model]
+		}
+		cu := &c.cur[b]
+		start := cu.next
+		if withHeld {
+			start = 0
+		}
+		for i := start; i < len(cu.state) && (!capped || left > 0); i++ {
+			if st := cu.state[i]; st == nodeTaken || st == nodeHeld && !withHeld {
 				continue
 			}
-			n := s.buckets[b].freeNode(i)
+			n := c.s.buckets[b].freeNode(i)
 			if !r.selects(n) {
 				continue
 			}
@@ -334,6 +477,7 @@ func (s *Snapshot) candidates(r Request, cur []cursor, out []candidate) []candid
 				}
 			}
 			out = append(out, cd)
+			left--
 		}
 	}
 	return out
@@ -409,7 +553,10 @@ func domainRank(c candidate, rank map[string]int) int {
 // (free) and, for a required topology that did not fit, those nodes (cands).
 // "needs" means the cluster cannot hold r as it stands; "waiting for" means
 // it could once enough nodes are released.
-func (s *Snapshot) reason(r Request, free int, cands []candidate) string {
+//
+// wait reports that the cluster as it stands could hold r: it waits only
+// for busy nodes (the "waiting for" and "best ... has N free" cases).
+func (s *Snapshot) reason(r Request, free int, cands []candidate) (why string, wait bool) {
 	total, domains := s.totals(r)
 	total = max(total, free) // a free node is always known
 	largest := 0
@@ -427,13 +574,13 @@ func (s *Snapshot) reason(r Request, free int, cands []candidate) string {
 	}
 	switch {
 	case total < r.Nodes:
-		return fmt.Sprintf("needs %s; cluster has %d", r.describe(), total)
+		return fmt.Sprintf("needs %s; cluster has %d", r.describe(), total), false
 	case r.required() && largest < r.Nodes:
-		return fmt.Sprintf("needs %s; largest %s has %d", r.describe(), r.Topology.Key, largest)
+		return fmt.Sprintf("needs %s; largest %s has %d", r.describe(), r.Topology.Key, largest), false
 	case free < r.Nodes:
-		return fmt.Sprintf("waiting for %s; %d of %d free", r.describe(), free, total)
+		return fmt.Sprintf("waiting for %s; %d of %d free", r.describe(), free, total), true
 	default: // only a required topology refuses with enough free nodes
-		return fmt.Sprintf("needs %s; best %s has %d free", r.describe(), r.Topology.Key, bestFree)
+		return fmt.Sprintf("needs %s; best %s has %d free", r.describe(), r.Topology.Key, bestFree), true
 	}
 }
 

@@ -7,6 +7,8 @@
 //	<prefix>/jobs/<20-digit job seq>   gpusched.v1.Job
 //	<prefix>/nodes/<node id>           gpusched.v1.Node (inventory, labels, operator state)
 //	<prefix>/leases/<20-digit seq>.<n> gpusched.v1.Lease
+//	<prefix>/tenants/<name>            gpusched.v1.Tenant (limits, weight)
+//	<prefix>/queues/<name>             gpusched.v1.Queue (priority, paused)
 //	<prefix>/meta/job_seq              last job sequence number handed out (decimal)
 //	<prefix>/meta/writer               fencing token of the leader that wrote last;
 //	                                   put by every transaction, so etcd's history

@@ -36,9 +36,11 @@ type Fence struct {
 // Change is a set of records that must land atomically (in one
 // transaction), e.g. a placed job and its new lease. Nil fields are skipped.
 type Change struct {
-	Job   *model.Job
-	Lease *model.Lease
-	Node  *model.Node
+	Job    *model.Job
+	Lease  *model.Lease
+	Node   *model.Node
+	Tenant *model.Tenant
+	Queue  *model.Queue
 }
 
 func (c Change) ops() int {
@@ -50,6 +52,12 @@ func (c Change) ops() int {
 		n++
 	}
 	if c.Node != nil {
+		n++
+	}
+	if c.Tenant != nil {
+		n++
+	}
+	if c.Queue != nil {
 		n++
 	}
 	return n
@@ -76,6 +84,8 @@ func (s *Store) WriterKey() string         { return s.prefix + "/meta/writer" }
 func (s *Store) leaseKey(id string) string { return s.prefix + "/leases/" + padLeaseID(id) }
 func (s *Store) leasePrefix() string       { return s.prefix + "/leases/" }
 func (s *Store) jobPrefix() string         { return s.prefix + "/jobs/" }
+func (s *Store) tenantPrefix() string      { return s.prefix + "/tenants/" }
+func (s *Store) queuePrefix() string       { return s.prefix + "/queues/" }
 func (s *Store) nodePrefix() string        { return s.prefix + "/nodes/" }
 
 // padLeaseID pads the job part of "42.1" so leases sort by job.
@@ -93,6 +103,8 @@ type State struct {
 	Jobs     []*model.Job
 	Nodes    []*model.Node
 	Leases   []*model.Lease
+	Tenants  []model.Tenant
+	Queues   []model.Queue
 	JobSeq   uint64
 	Revision int64
 }
@@ -144,6 +156,28 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 			return err
 		}
 		st.Leases = append(st.Leases, wire.LeaseFromProto(&p))
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.scan(ctx, s.tenantPrefix(), st.Revision, func(_ string, v []byte) error {
+		var p pb.Tenant
+		if err := proto.Unmarshal(v, &p); err != nil {
+			return err
+		}
+		st.Tenants = append(st.Tenants, wire.TenantFromProto(&p))
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.scan(ctx, s.queuePrefix(), st.Revision, func(_ string, v []byte) error {
+		var p pb.Queue
+		if err := proto.Unmarshal(v, &p); err != nil {
+			return err
+		}
+		st.Queues = append(st.Queues, wire.QueueFromProto(&p))
 		return nil
 	})
 	if err != nil {
@@ -249,6 +283,20 @@ func (s *Store) appendOps(b *batch, c Change) error {
 			return fmt.Errorf("store: encode node %s: %w", c.Node.ID, err)
 		}
 		b.put(s.nodeKey(c.Node.ID), string(v))
+	}
+	if c.Tenant != nil {
+		v, err := proto.Marshal(wire.TenantToProto(*c.Tenant))
+		if err != nil {
+			return fmt.Errorf("store: encode tenant %s: %w", c.Tenant.Name, err)
+		}
+		b.put(s.tenantPrefix()+c.Tenant.Name, string(v))
+	}
+	if c.Queue != nil {
+		v, err := proto.Marshal(wire.QueueToProto(*c.Queue))
+		if err != nil {
+			return fmt.Errorf("store: encode queue %s: %w", c.Queue.Name, err)
+		}
+		b.put(s.queuePrefix()+c.Queue.Name, string(v))
 	}
 	return nil
 }

@@ -42,6 +42,8 @@ func JobSpecToProto(s model.JobSpec) *pb.JobSpec {
 		Selector:          s.Selector,
 		Topology:          s.Topology,
 		PreferTopology:    s.PreferTopology,
+		Queue:             s.Queue,
+		Priority:          int32(s.Priority),
 	}
 	if s.TimeLimit > 0 {
 		out.TimeLimit = durationpb.New(s.TimeLimit)
@@ -68,6 +70,8 @@ func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
 		Selector:          s.GetSelector(),
 		Topology:          s.GetTopology(),
 		PreferTopology:    s.GetPreferTopology(),
+		Queue:             s.GetQueue(),
+		Priority:          int(s.GetPriority()),
 	}
 	if s.MaxRetries != nil {
 		out.MaxRetries = int(s.GetMaxRetries())
@@ -304,4 +308,38 @@ func agentLabels(p *pb.Node) map[string]string {
 		}
 	}
 	return out
+}
+
+// TenantToProto converts a tenant.
+func TenantToProto(t model.Tenant) *pb.Tenant {
+	out := &pb.Tenant{Name: t.Name, MaxNodes: int32(t.MaxNodes), Weight: t.Weight}
+	for m, n := range t.MaxNodesPerModel {
+		if out.MaxNodesPerModel == nil {
+			out.MaxNodesPerModel = map[string]int32{}
+		}
+		out.MaxNodesPerModel[m] = int32(n)
+	}
+	return out
+}
+
+// TenantFromProto converts a tenant without validating it.
+func TenantFromProto(p *pb.Tenant) model.Tenant {
+	t := model.Tenant{Name: p.GetName(), MaxNodes: int(p.GetMaxNodes()), Weight: p.GetWeight()}
+	for m, n := range p.GetMaxNodesPerModel() {
+		if t.MaxNodesPerModel == nil {
+			t.MaxNodesPerModel = map[string]int{}
+		}
+		t.MaxNodesPerModel[m] = int(n)
+	}
+	return t
+}
+
+// QueueToProto converts a queue.
+func QueueToProto(q model.Queue) *pb.Queue {
+	return &pb.Queue{Name: q.Name, Priority: int32(q.Priority), Weight: q.Weight, Paused: q.Paused}
+}
+
+// QueueFromProto converts a queue without validating it.
+func QueueFromProto(p *pb.Queue) model.Queue {
+	return model.Queue{Name: p.GetName(), Priority: int(p.GetPriority()), Weight: p.GetWeight(), Paused: p.GetPaused()}
 }

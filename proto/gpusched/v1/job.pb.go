@@ -127,8 +127,12 @@ type JobSpec struct {
 	// Like topology, but preferred: one domain if any fits, else as few
 	// domains as possible.
 	PreferTopology string `protobuf:"bytes,13,opt,name=prefer_topology,json=preferTopology,proto3" json:"prefer_topology,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Queue the job waits in; default "default".
+	Queue string `protobuf:"bytes,14,opt,name=queue,proto3" json:"queue,omitempty"`
+	// Priority within its queue; higher goes first. -1000..1000, default 0.
+	Priority      int32 `protobuf:"varint,15,opt,name=priority,proto3" json:"priority,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *JobSpec) Reset() {
@@ -250,6 +254,20 @@ func (x *JobSpec) GetPreferTopology() string {
 		return x.PreferTopology
 	}
 	return ""
+}
+
+func (x *JobSpec) GetQueue() string {
+	if x != nil {
+		return x.Queue
+	}
+	return ""
+}
+
+func (x *JobSpec) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
 }
 
 // NodeExit is how a job's command ended on one node.
@@ -503,7 +521,7 @@ var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
-	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xf2\x04\n" +
+	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xa4\x05\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x14\n" +
@@ -520,7 +538,9 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	" \x01(\x04R\x11minGpuMemoryBytes\x12>\n" +
 	"\bselector\x18\v \x03(\v2\".gpusched.v1.JobSpec.SelectorEntryR\bselector\x12\x1a\n" +
 	"\btopology\x18\f \x01(\tR\btopology\x12'\n" +
-	"\x0fprefer_topology\x18\r \x01(\tR\x0epreferTopology\x1a6\n" +
+	"\x0fprefer_topology\x18\r \x01(\tR\x0epreferTopology\x12\x14\n" +
+	"\x05queue\x18\x0e \x01(\tR\x05queue\x12\x1a\n" +
+	"\bpriority\x18\x0f \x01(\x05R\bpriority\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +
