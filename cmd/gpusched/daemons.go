@@ -53,6 +53,7 @@ func (l *logFlags) logger() (*zap.Logger, error) {
 func engineFlags(cmd *cobra.Command, cfg *engine.Config) {
 	cmd.Flags().DurationVar(&cfg.NodeLostAfter, "node-lost-after", 30*time.Second, "mark a node LOST after its agent is gone this long")
 	cmd.Flags().DurationVar(&cfg.KillGrace, "kill-grace", 10*time.Second, "SIGTERM-to-SIGKILL grace when a job is cancelled or times out")
+	cmd.Flags().DurationVar(&cfg.AgingStep, "aging-step", 5*time.Minute, "every this long a job waits adds 1 to its priority, so nothing starves")
 }
 
 // agentFlags tune the node agent; shared by dev and agent.
