@@ -153,11 +153,25 @@ func (c *Client) round(ctx context.Context, attempt time.Duration, fn func(ctx c
 	return electing, err
 }
 
+// SubmitOption changes how Submit submits.
+type SubmitOption func(*pb.SubmitJobRequest)
+
+// WithIdempotencyKey makes the submit safe to retry: the first submit with
+// key creates the job, every later one (within the server's retention, at
+// least 24h, per tenant) returns that same job.
+func WithIdempotencyKey(key string) SubmitOption {
+	return func(r *pb.SubmitJobRequest) { r.IdempotencyKey = key }
+}
+
 // Submit submits a job; it is PENDING and durable when Submit returns.
-func (c *Client) Submit(ctx context.Context, spec *pb.JobSpec) (*pb.Job, error) {
+func (c *Client) Submit(ctx context.Context, spec *pb.JobSpec, opts ...SubmitOption) (*pb.Job, error) {
+	req := &pb.SubmitJobRequest{Spec: spec}
+	for _, o := range opts {
+		o(req)
+	}
 	var resp *pb.SubmitJobResponse
 	err := c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) (err error) {
-		resp, err = pb.NewJobServiceClient(conn).SubmitJob(ctx, &pb.SubmitJobRequest{Spec: spec})
+		resp, err = pb.NewJobServiceClient(conn).SubmitJob(ctx, req)
 		return err
 	})
 	return resp.GetJob(), err

@@ -59,6 +59,11 @@ func TestSchedulerAndAgentsAsSeparateProcesses(t *testing.T) {
 	if j := getJob(t, server, id); j.GetState() != pb.JobState_JOB_STATE_SUCCEEDED {
 		t.Errorf("job state = %s", j.GetState())
 	}
+	// A retried submit with the same idempotency key prints the same job.
+	a := submit(t, server, "--idempotency-key", "order-42", "--", "true")
+	if b := submit(t, server, "--idempotency-key", "order-42", "--", "true"); a != b {
+		t.Errorf("two submits with one idempotency key gave jobs %s and %s", a, b)
+	}
 	for node, dir := range agentDirs {
 		if _, err := os.Stat(filepath.Join(dir, "leases", id+".1", "output.log")); err != nil {
 			t.Errorf("agent %s keeps no log for lease %s.1: %v", node, id, err)

@@ -49,6 +49,7 @@ func newSubmitCmd() *cobra.Command {
 		maxRetries int32
 		minMemory  string
 		selector   []string
+		idemKey    string
 	)
 	cmd := &cobra.Command{
 		Use:   "submit [flags] -- COMMAND [ARG...]",
@@ -103,7 +104,7 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 				return err
 			}
 			defer c.Close()
-			job, err := c.Submit(cmd.Context(), &spec)
+			job, err := c.Submit(cmd.Context(), &spec, client.WithIdempotencyKey(idemKey))
 			if err != nil {
 				return err
 			}
@@ -118,6 +119,7 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 	f.DurationVar(&timeLimit, "time-limit", 0, "wall-clock limit, e.g. 30m or 2h (0: none)")
 	f.StringVar(&spec.Name, "name", "", "job name")
 	f.StringVar(&spec.Tenant, "tenant", "", "tenant to bill (default \"default\")")
+	f.StringVar(&idemKey, "idempotency-key", "", "makes retries safe: a repeated submit with the same key (per tenant, kept at least 24h) prints the original job's ID")
 	f.StringVar(&spec.Queue, "queue", "", "queue to wait in (default \"default\")")
 	f.Int32Var(&spec.Priority, "priority", 0, "priority within the queue, -1000..1000 (higher goes first)")
 	f.StringArrayVar(&env, "env", nil, "extra environment KEY=VALUE (repeatable)")

@@ -166,8 +166,8 @@ func (p *replay) revision(rev int64, events []*clientv3.Event) {
 			p.lease(rev, ev.Kv.Value)
 		case strings.HasPrefix(key, "jobs/") && ev.Type == mvccpb.PUT:
 			p.job(rev, key, ev.Kv.Value)
-		case ev.Type == mvccpb.DELETE && !strings.HasPrefix(key, "leader/") && !strings.HasPrefix(key, "replicas/"):
-			p.r.violate("revision %d: %s deleted; scheduler records are never deleted", rev, key)
+		case ev.Type == mvccpb.DELETE && !strings.HasPrefix(key, "leader/") && !strings.HasPrefix(key, "replicas/") && !strings.HasPrefix(key, "idem/"):
+			p.r.violate("revision %d: %s deleted; scheduler records are never deleted (only expired idempotency keys)", rev, key)
 		}
 	}
 }

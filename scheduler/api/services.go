@@ -105,7 +105,7 @@ func (s *jobServer) SubmitJob(ctx context.Context, req *pb.SubmitJobRequest) (*p
 		return nil, toStatus(&model.ValidationError{Violations: []model.FieldViolation{{Field: "spec", Description: "is required"}}})
 	}
 	return call(ctx, s.b, func(eng *engine.Engine) (*pb.SubmitJobResponse, error) {
-		j, err := eng.Submit(ctx, wire.JobSpecFromProto(req.GetSpec()))
+		j, err := eng.SubmitIdempotent(ctx, wire.JobSpecFromProto(req.GetSpec()), req.GetIdempotencyKey())
 		if err != nil {
 			return nil, err
 		}

@@ -36,6 +36,9 @@ type Config struct {
 	CommitTimeout time.Duration
 	// MaxBatch bounds how many events one loop turn applies. Default 4096.
 	MaxBatch int
+	// IdempotencyRetention is how long an idempotency key is remembered.
+	// Default 48h (the API promises at least 24h).
+	IdempotencyRetention time.Duration
 	// AgingStep: every AgingStep a job waits adds 1 to its priority, so
 	// nothing starves. Default 5m.
 	AgingStep time.Duration
@@ -66,6 +69,9 @@ func (c *Config) setDefaults() {
 	if c.MaxBatch <= 0 {
 		c.MaxBatch = 4096
 	}
+	if c.IdempotencyRetention <= 0 {
+		c.IdempotencyRetention = 48 * time.Hour
+	}
 	if c.AgingStep <= 0 {
 		c.AgingStep = 5 * time.Minute
 	}
@@ -91,9 +97,13 @@ type Engine struct {
 	// model.DefaultQueue.
 	tenants map[string]model.Tenant
 	queues  map[string]model.Queue
-	queue   pendingQueue
-	jobSeq  uint64
-	ready   bool // state loaded
+	// idem maps tenant+key to the job it created; idemOrder holds the same
+	// records oldest first, for expiry.
+	idem      map[string]*model.Idempotency
+	idemOrder []*model.Idempotency
+	queue     pendingQueue
+	jobSeq    uint64
+	ready     bool // state loaded
 
 	// Per-turn accumulators, only touched by the loop.
 	changes   []store.Change
@@ -123,6 +133,7 @@ func New(cfg Config) *Engine {
 		nodes:   map[string]*nodeEntry{},
 		leases:  map[string]*leaseEntry{},
 		tenants: map[string]model.Tenant{},
+		idem:    map[string]*model.Idempotency{},
 		queues:  map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
 	}
 }

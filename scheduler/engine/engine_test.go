@@ -3,6 +3,7 @@ package engine_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strconv"
 	"sync"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/gpusched/gpusched/internal/invariants"
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/api"
 	"github.com/gpusched/gpusched/scheduler/engine"
@@ -386,4 +388,76 @@ func TestANewTermRebuildsTimersFromEtcd(t *testing.T) {
 	holder.Reconnect(tm2.addr)
 	holder.WaitRelease(t, r1.GetLeaseId())
 	schedtest.WaitNodeState(t, tm2.nodes, holder.NodeID(), pb.NodeState_NODE_STATE_READY)
+}
+
+func TestIdempotentSubmits(t *testing.T) {
+	etcd := schedtest.StartEtcd(t)
+	clk := newClock()
+	cfg := engine.Config{Now: clk.Now, IdempotencyRetention: 24 * time.Hour}
+	tm := startTerm(t, etcd.Client, cfg)
+	ctx := schedtest.Context(t)
+
+	// Fifty concurrent retries of one submit create one job.
+	ids := make(chan string, 50)
+	var wg sync.WaitGroup
+	for range 50 {
+		wg.Go(func() {
+			j, err := tm.eng.SubmitIdempotent(ctx, spec(1), "order-17")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			ids <- j.ID
+		})
+	}
+	wg.Wait()
+	close(ids)
+	first := ""
+	for id := range ids {
+		if first == "" {
+			first = id
+		}
+		if id != first {
+			t.Fatalf("concurrent retries created jobs %s and %s", first, id)
+		}
+	}
+	if jobs, _, _ := tm.eng.ListJobs(engine.JobFilter{}); len(jobs) != 1 || jobs[0].IdempotencyKey != "order-17" {
+		t.Fatalf("jobs = %v; want exactly one, with its key", jobs)
+	}
+	// The key is per tenant.
+	other := spec(1)
+	other.Tenant = "globex"
+	if j, err := tm.eng.SubmitIdempotent(ctx, other, "order-17"); err != nil || j.ID == first {
+		t.Fatalf("another tenant's submit with the same key = %v, %v; want a new job", j, err)
+	}
+	if _, err := tm.eng.SubmitIdempotent(ctx, spec(1), "bad\nkey"); !errors.Is(err, model.ErrInvalid) {
+		t.Errorf("a key with a newline = %v; want invalid", err)
+	}
+
+	// A new leader (same etcd) remembers the key.
+	tm.stop(t)
+	if err := tm.el.Resign(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tm = startTerm(t, etcd.Client, cfg)
+	if j, err := tm.eng.SubmitIdempotent(ctx, spec(1), "order-17"); err != nil || j.ID != first {
+		t.Fatalf("a retry after a leader change = %v, %v; want job %s", j, err, first)
+	}
+
+	// Past the retention the key is forgotten (and deleted from etcd).
+	clk.Advance(25 * time.Hour)
+	schedtest.Eventually(t, "the expired key to leave etcd", func() (bool, string) {
+		resp, err := etcd.Client.Get(ctx, "/gpusched/idem/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return false, err.Error()
+		}
+		return resp.Count == 0, fmt.Sprintf("%d keys left", resp.Count)
+	})
+	if j, err := tm.eng.SubmitIdempotent(ctx, spec(1), "order-17"); err != nil || j.ID == first {
+		t.Fatalf("a submit after the retention = %v, %v; want a new job", j, err)
+	}
+	r, err := invariants.Check(ctx, etcd.Client, "/gpusched", nil)
+	if err != nil || !r.OK() {
+		t.Fatalf("invariants after expiry: %v %v", r, err)
+	}
 }

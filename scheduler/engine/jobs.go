@@ -36,17 +36,30 @@ func (e *Engine) await(ctx context.Context, ch <-chan result) (*model.Job, error
 
 type submitEvent struct {
 	spec  model.JobSpec
+	key   string
 	reply chan result
 }
 
 // Submit records a validated job spec and returns the PENDING job once it
 // is durable in etcd.
 func (e *Engine) Submit(ctx context.Context, spec model.JobSpec) (*model.Job, error) {
+	return e.SubmitIdempotent(ctx, spec, "")
+}
+
+// SubmitIdempotent is Submit with an idempotency key: if the spec's tenant
+// used key within the retention window, the job created then is returned
+// and nothing new is created. The key and the job land in one transaction,
+// and the loop applies submits one at a time, so concurrent retries and a
+// retry after a leader failover all find the same job.
+func (e *Engine) SubmitIdempotent(ctx context.Context, spec model.JobSpec, key string) (*model.Job, error) {
 	spec, err := model.NormalizeJobSpec(spec)
 	if err != nil {
 		return nil, err
 	}
-	ev := &submitEvent{spec: spec, reply: make(chan result, 1)}
+	if err := model.ValidateIdempotencyKey(key); err != nil {
+		return nil, err
+	}
+	ev := &submitEvent{spec: spec, key: key, reply: make(chan result, 1)}
 	if err := e.post(ctx, ev); err != nil {
 		return nil, err
 	}
@@ -54,6 +67,15 @@ func (e *Engine) Submit(ctx context.Context, spec model.JobSpec) (*model.Job, er
 }
 
 func (ev *submitEvent) apply(e *Engine) {
+	if ev.key != "" {
+		if r, ok := e.idem[idemID(ev.spec.Tenant, ev.key)]; ok {
+			if j := e.jobs[r.JobID]; j != nil {
+				snap := j.Clone()
+				e.reply(func() { ev.reply <- result{job: snap} })
+				return
+			}
+		}
+	}
 	if _, ok := e.queues[ev.spec.Queue]; !ok {
 		err := &model.ValidationError{Violations: []model.FieldViolation{{Field: "spec.queue", Description: fmt.Sprintf("no queue %q (create it with gpusched queues create)", ev.spec.Queue)}}}
 		e.reply(func() { ev.reply <- result{err: err} })
@@ -68,7 +90,15 @@ func (ev *submitEvent) apply(e *Engine) {
 	e.order = append(e.order, j)
 	e.queue.push(j)
 	e.needCycle = true
-	e.persist(store.Change{Job: j})
+	change := store.Change{Job: j}
+	if ev.key != "" {
+		j.IdempotencyKey = ev.key
+		r := &model.Idempotency{Tenant: j.Spec.Tenant, Key: ev.key, JobID: id, CreateTime: j.CreateTime}
+		e.idem[idemID(r.Tenant, r.Key)] = r
+		e.idemOrder = append(e.idemOrder, r)
+		change.Idem = r
+	}
+	e.persist(change)
 	snap := j.Clone()
 	e.reply(func() { ev.reply <- result{job: snap} })
 }
@@ -306,6 +336,7 @@ func describeExit(x model.NodeExit) string {
 // checkTimers ends jobs past their time limit and leases on lost nodes.
 func (e *Engine) checkTimers() {
 	now := e.cfg.Now()
+	e.expireIdempotency(now)
 	for e.deadlines.Len() > 0 && !e.deadlines[0].at.After(now) {
 		d := heap.Pop(&e.deadlines).(deadline)
 		j := e.jobs[d.job]
@@ -326,4 +357,21 @@ func (e *Engine) checkTimers() {
 		}
 		// A lost node cannot confirm cleanup; it is cleaned when it returns.
 	}
+}
+
+// idemID keys the in-memory idempotency map.
+func idemID(tenant, key string) string { return tenant + "\x00" + key }
+
+// expireIdempotency forgets keys older than the retention, oldest first.
+func (e *Engine) expireIdempotency(now time.Time) {
+	n := 0
+	for _, r := range e.idemOrder {
+		if now.Sub(r.CreateTime) < e.cfg.IdempotencyRetention {
+			break
+		}
+		delete(e.idem, idemID(r.Tenant, r.Key))
+		e.persist(store.Change{ExpireIdem: r})
+		n++
+	}
+	e.idemOrder = e.idemOrder[n:]
 }

@@ -140,6 +140,12 @@ func (e *Engine) load(ctx context.Context) error {
 	for _, q := range st.Queues {
 		e.queues[q.Name] = q
 	}
+	for i := range st.Idem {
+		r := &st.Idem[i]
+		e.idem[idemID(r.Tenant, r.Key)] = r
+		e.idemOrder = append(e.idemOrder, r)
+	}
+	sort.Slice(e.idemOrder, func(i, j int) bool { return e.idemOrder[i].CreateTime.Before(e.idemOrder[j].CreateTime) })
 	for _, n := range st.Nodes {
 		e.nodes[n.ID] = &nodeEntry{node: n, disconnectedAt: now}
 	}

@@ -1,6 +1,9 @@
 package model
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
 // JobState is where a job is in its life.
 type JobState int
@@ -111,6 +114,30 @@ type Job struct {
 	Retries int
 	// Events on its leases' nodes while they held them, oldest first.
 	Events []NodeEvent
+	// IdempotencyKey is the key it was submitted with, if any.
+	IdempotencyKey string
+}
+
+// Idempotency maps a tenant's idempotency key to the job it created.
+type Idempotency struct {
+	Tenant, Key, JobID string
+	CreateTime         time.Time
+}
+
+// MaxIdempotencyKeyLen bounds an idempotency key.
+const MaxIdempotencyKeyLen = 256
+
+// ValidateIdempotencyKey checks a key: printable, no control characters.
+func ValidateIdempotencyKey(key string) error {
+	if len(key) > MaxIdempotencyKeyLen {
+		return &ValidationError{Violations: []FieldViolation{{Field: "idempotency_key", Description: fmt.Sprintf("must be at most %d characters", MaxIdempotencyKeyLen)}}}
+	}
+	for _, r := range key {
+		if r < 0x20 || r == 0x7f {
+			return &ValidationError{Violations: []FieldViolation{{Field: "idempotency_key", Description: "must not contain control characters"}}}
+		}
+	}
+	return nil
 }
 
 // Clone returns a deep copy, so snapshots handed out of the scheduler's loop

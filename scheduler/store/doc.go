@@ -9,6 +9,7 @@
 //	<prefix>/leases/<20-digit seq>.<n> gpusched.v1.Lease
 //	<prefix>/tenants/<name>            gpusched.v1.Tenant (limits, weight)
 //	<prefix>/queues/<name>             gpusched.v1.Queue (priority, paused)
+//	<prefix>/idem/<tenant>/<len>/<key> gpusched.v1.IdempotencyRecord, deleted when it expires
 //	<prefix>/meta/job_seq              last job sequence number handed out (decimal)
 //	<prefix>/meta/writer               fencing token of the leader that wrote last;
 //	                                   put by every transaction, so etcd's history

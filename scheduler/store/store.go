@@ -41,6 +41,10 @@ type Change struct {
 	Node   *model.Node
 	Tenant *model.Tenant
 	Queue  *model.Queue
+	// Idem records an idempotency key with the job it created (same
+	// transaction as the job); ExpireIdem deletes an expired one.
+	Idem       *model.Idempotency
+	ExpireIdem *model.Idempotency
 }
 
 func (c Change) ops() int {
@@ -58,6 +62,12 @@ func (c Change) ops() int {
 		n++
 	}
 	if c.Queue != nil {
+		n++
+	}
+	if c.Idem != nil {
+		n++
+	}
+	if c.ExpireIdem != nil {
 		n++
 	}
 	return n
@@ -85,8 +95,15 @@ func (s *Store) leaseKey(id string) string { return s.prefix + "/leases/" + padL
 func (s *Store) leasePrefix() string       { return s.prefix + "/leases/" }
 func (s *Store) jobPrefix() string         { return s.prefix + "/jobs/" }
 func (s *Store) tenantPrefix() string      { return s.prefix + "/tenants/" }
-func (s *Store) queuePrefix() string       { return s.prefix + "/queues/" }
-func (s *Store) nodePrefix() string        { return s.prefix + "/nodes/" }
+func (s *Store) idemPrefix() string        { return s.prefix + "/idem/" }
+
+// idemKey keys a record by tenant and key; the key is length-prefixed so
+// no choice of key can collide with another tenant's.
+func (s *Store) idemKey(r *model.Idempotency) string {
+	return fmt.Sprintf("%s%s/%d/%s", s.idemPrefix(), r.Tenant, len(r.Key), r.Key)
+}
+func (s *Store) queuePrefix() string { return s.prefix + "/queues/" }
+func (s *Store) nodePrefix() string  { return s.prefix + "/nodes/" }
 
 // padLeaseID pads the job part of "42.1" so leases sort by job.
 func padLeaseID(id string) string {
@@ -105,6 +122,7 @@ type State struct {
 	Leases   []*model.Lease
 	Tenants  []model.Tenant
 	Queues   []model.Queue
+	Idem     []model.Idempotency
 	JobSeq   uint64
 	Revision int64
 }
@@ -167,6 +185,17 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 			return err
 		}
 		st.Tenants = append(st.Tenants, wire.TenantFromProto(&p))
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	err = s.scan(ctx, s.idemPrefix(), st.Revision, func(_ string, v []byte) error {
+		var p pb.IdempotencyRecord
+		if err := proto.Unmarshal(v, &p); err != nil {
+			return err
+		}
+		st.Idem = append(st.Idem, wire.IdempotencyFromProto(&p))
 		return nil
 	})
 	if err != nil {
@@ -250,6 +279,14 @@ type batch struct {
 	keys map[string]bool
 }
 
+func (b *batch) del(key string) {
+	if b.keys[key] {
+		return
+	}
+	b.keys[key] = true
+	b.ops = append(b.ops, clientv3.OpDelete(key))
+}
+
 func (b *batch) put(key, value string) {
 	if b.keys[key] {
 		return
@@ -290,6 +327,16 @@ func (s *Store) appendOps(b *batch, c Change) error {
 			return fmt.Errorf("store: encode tenant %s: %w", c.Tenant.Name, err)
 		}
 		b.put(s.tenantPrefix()+c.Tenant.Name, string(v))
+	}
+	if c.Idem != nil {
+		v, err := proto.Marshal(wire.IdempotencyToProto(*c.Idem))
+		if err != nil {
+			return fmt.Errorf("store: encode idempotency record: %w", err)
+		}
+		b.put(s.idemKey(c.Idem), string(v))
+	}
+	if c.ExpireIdem != nil {
+		b.del(s.idemKey(c.ExpireIdem))
 	}
 	if c.Queue != nil {
 		v, err := proto.Marshal(wire.QueueToProto(*c.Queue))

@@ -89,19 +89,20 @@ func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
 // JobToProto converts a job.
 func JobToProto(j *model.Job) *pb.Job {
 	out := &pb.Job{
-		Id:           j.ID,
-		Spec:         JobSpecToProto(j.Spec),
-		State:        pb.JobState(j.State),
-		Reason:       j.Reason,
-		LeaseId:      j.LeaseID,
-		Nodes:        j.Nodes,
-		CreateTime:   ts(j.CreateTime),
-		ScheduleTime: ts(j.ScheduleTime),
-		StartTime:    ts(j.StartTime),
-		EndTime:      ts(j.EndTime),
-		Attempts:     int32(j.Attempts),
-		Retries:      int32(j.Retries),
-		Events:       eventsToProto(j.Events),
+		Id:             j.ID,
+		Spec:           JobSpecToProto(j.Spec),
+		State:          pb.JobState(j.State),
+		Reason:         j.Reason,
+		LeaseId:        j.LeaseID,
+		Nodes:          j.Nodes,
+		CreateTime:     ts(j.CreateTime),
+		ScheduleTime:   ts(j.ScheduleTime),
+		StartTime:      ts(j.StartTime),
+		EndTime:        ts(j.EndTime),
+		Attempts:       int32(j.Attempts),
+		Retries:        int32(j.Retries),
+		Events:         eventsToProto(j.Events),
+		IdempotencyKey: j.IdempotencyKey,
 	}
 	for _, e := range j.Exits {
 		out.Exits = append(out.Exits, &pb.NodeExit{
@@ -116,19 +117,20 @@ func JobToProto(j *model.Job) *pb.Job {
 // caller (the store), which owns the key layout.
 func JobFromProto(p *pb.Job) *model.Job {
 	j := &model.Job{
-		ID:           p.GetId(),
-		Spec:         JobSpecFromProto(p.GetSpec()),
-		State:        model.JobState(p.GetState()),
-		Reason:       p.GetReason(),
-		LeaseID:      p.GetLeaseId(),
-		Nodes:        p.GetNodes(),
-		CreateTime:   fromTS(p.GetCreateTime()),
-		ScheduleTime: fromTS(p.GetScheduleTime()),
-		StartTime:    fromTS(p.GetStartTime()),
-		EndTime:      fromTS(p.GetEndTime()),
-		Attempts:     int(p.GetAttempts()),
-		Retries:      int(p.GetRetries()),
-		Events:       eventsFromProto(p.GetEvents()),
+		ID:             p.GetId(),
+		Spec:           JobSpecFromProto(p.GetSpec()),
+		State:          model.JobState(p.GetState()),
+		Reason:         p.GetReason(),
+		LeaseID:        p.GetLeaseId(),
+		Nodes:          p.GetNodes(),
+		CreateTime:     fromTS(p.GetCreateTime()),
+		ScheduleTime:   fromTS(p.GetScheduleTime()),
+		StartTime:      fromTS(p.GetStartTime()),
+		EndTime:        fromTS(p.GetEndTime()),
+		Attempts:       int(p.GetAttempts()),
+		Retries:        int(p.GetRetries()),
+		Events:         eventsFromProto(p.GetEvents()),
+		IdempotencyKey: p.GetIdempotencyKey(),
 	}
 	for _, e := range p.GetExits() {
 		j.Exits = append(j.Exits, model.NodeExit{
@@ -342,4 +344,14 @@ func QueueToProto(q model.Queue) *pb.Queue {
 // QueueFromProto converts a queue without validating it.
 func QueueFromProto(p *pb.Queue) model.Queue {
 	return model.Queue{Name: p.GetName(), Priority: int(p.GetPriority()), Weight: p.GetWeight(), Paused: p.GetPaused()}
+}
+
+// IdempotencyToProto converts an idempotency record.
+func IdempotencyToProto(r model.Idempotency) *pb.IdempotencyRecord {
+	return &pb.IdempotencyRecord{Tenant: r.Tenant, Key: r.Key, JobId: r.JobID, CreateTime: ts(r.CreateTime)}
+}
+
+// IdempotencyFromProto converts an idempotency record.
+func IdempotencyFromProto(p *pb.IdempotencyRecord) model.Idempotency {
+	return model.Idempotency{Tenant: p.GetTenant(), Key: p.GetKey(), JobID: p.GetJobId(), CreateTime: fromTS(p.GetCreateTime())}
 }

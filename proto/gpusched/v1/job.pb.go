@@ -384,9 +384,11 @@ type Job struct {
 	Retries int32 `protobuf:"varint,13,opt,name=retries,proto3" json:"retries,omitempty"`
 	// Events on the nodes of its leases while they held them (foreign GPU
 	// processes, XIDs, ...), oldest first (bounded).
-	Events        []*NodeEvent `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Events []*NodeEvent `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
+	// The idempotency key it was submitted with, if any.
+	IdempotencyKey string `protobuf:"bytes,15,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
@@ -517,6 +519,83 @@ func (x *Job) GetEvents() []*NodeEvent {
 	return nil
 }
 
+func (x *Job) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+// IdempotencyRecord maps a tenant's idempotency key to the job it created
+// (stored under <prefix>/idem/<tenant>/<key> until it expires).
+type IdempotencyRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tenant        string                 `protobuf:"bytes,1,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	JobId         string                 `protobuf:"bytes,3,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IdempotencyRecord) Reset() {
+	*x = IdempotencyRecord{}
+	mi := &file_gpusched_v1_job_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IdempotencyRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IdempotencyRecord) ProtoMessage() {}
+
+func (x *IdempotencyRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IdempotencyRecord.ProtoReflect.Descriptor instead.
+func (*IdempotencyRecord) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *IdempotencyRecord) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *IdempotencyRecord) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *IdempotencyRecord) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *IdempotencyRecord) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
 var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
@@ -554,7 +633,7 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06signal\x18\x04 \x01(\tR\x06signal\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12.\n" +
-	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xb8\x04\n" +
+	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xe1\x04\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12+\n" +
@@ -572,7 +651,14 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\x05exits\x18\v \x03(\v2\x15.gpusched.v1.NodeExitR\x05exits\x12\x1a\n" +
 	"\battempts\x18\f \x01(\x05R\battempts\x12\x18\n" +
 	"\aretries\x18\r \x01(\x05R\aretries\x12.\n" +
-	"\x06events\x18\x0e \x03(\v2\x16.gpusched.v1.NodeEventR\x06events*\xcd\x01\n" +
+	"\x06events\x18\x0e \x03(\v2\x16.gpusched.v1.NodeEventR\x06events\x12'\n" +
+	"\x0fidempotency_key\x18\x0f \x01(\tR\x0eidempotencyKey\"\x91\x01\n" +
+	"\x11IdempotencyRecord\x12\x16\n" +
+	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x15\n" +
+	"\x06job_id\x18\x03 \x01(\tR\x05jobId\x12;\n" +
+	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime*\xcd\x01\n" +
 	"\bJobState\x12\x19\n" +
 	"\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11JOB_STATE_PENDING\x10\x01\x12\x17\n" +
@@ -597,36 +683,38 @@ func file_gpusched_v1_job_proto_rawDescGZIP() []byte {
 }
 
 var file_gpusched_v1_job_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpusched_v1_job_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_gpusched_v1_job_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_gpusched_v1_job_proto_goTypes = []any{
 	(JobState)(0),                 // 0: gpusched.v1.JobState
 	(*JobSpec)(nil),               // 1: gpusched.v1.JobSpec
 	(*NodeExit)(nil),              // 2: gpusched.v1.NodeExit
 	(*Job)(nil),                   // 3: gpusched.v1.Job
-	nil,                           // 4: gpusched.v1.JobSpec.EnvEntry
-	nil,                           // 5: gpusched.v1.JobSpec.SelectorEntry
-	(*durationpb.Duration)(nil),   // 6: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
-	(*NodeEvent)(nil),             // 8: gpusched.v1.NodeEvent
+	(*IdempotencyRecord)(nil),     // 4: gpusched.v1.IdempotencyRecord
+	nil,                           // 5: gpusched.v1.JobSpec.EnvEntry
+	nil,                           // 6: gpusched.v1.JobSpec.SelectorEntry
+	(*durationpb.Duration)(nil),   // 7: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	(*NodeEvent)(nil),             // 9: gpusched.v1.NodeEvent
 }
 var file_gpusched_v1_job_proto_depIdxs = []int32{
-	4,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
-	6,  // 1: gpusched.v1.JobSpec.time_limit:type_name -> google.protobuf.Duration
-	5,  // 2: gpusched.v1.JobSpec.selector:type_name -> gpusched.v1.JobSpec.SelectorEntry
-	7,  // 3: gpusched.v1.NodeExit.time:type_name -> google.protobuf.Timestamp
+	5,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
+	7,  // 1: gpusched.v1.JobSpec.time_limit:type_name -> google.protobuf.Duration
+	6,  // 2: gpusched.v1.JobSpec.selector:type_name -> gpusched.v1.JobSpec.SelectorEntry
+	8,  // 3: gpusched.v1.NodeExit.time:type_name -> google.protobuf.Timestamp
 	1,  // 4: gpusched.v1.Job.spec:type_name -> gpusched.v1.JobSpec
 	0,  // 5: gpusched.v1.Job.state:type_name -> gpusched.v1.JobState
-	7,  // 6: gpusched.v1.Job.create_time:type_name -> google.protobuf.Timestamp
-	7,  // 7: gpusched.v1.Job.schedule_time:type_name -> google.protobuf.Timestamp
-	7,  // 8: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
-	7,  // 9: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
+	8,  // 6: gpusched.v1.Job.create_time:type_name -> google.protobuf.Timestamp
+	8,  // 7: gpusched.v1.Job.schedule_time:type_name -> google.protobuf.Timestamp
+	8,  // 8: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
+	8,  // 9: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
 	2,  // 10: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
-	8,  // 11: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	9,  // 11: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
+	8,  // 12: gpusched.v1.IdempotencyRecord.create_time:type_name -> google.protobuf.Timestamp
+	13, // [13:13] is the sub-list for method output_type
+	13, // [13:13] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_job_proto_init() }
@@ -642,7 +730,7 @@ func file_gpusched_v1_job_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_job_proto_rawDesc), len(file_gpusched_v1_job_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

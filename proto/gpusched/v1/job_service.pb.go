@@ -22,10 +22,14 @@ const (
 )
 
 type SubmitJobRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Spec          *JobSpec               `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Spec  *JobSpec               `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	// Makes retries safe: a submit whose key the tenant already used within
+	// the retention window (at least 24h) returns the job it created then,
+	// same ID, and creates nothing. At most 256 characters.
+	IdempotencyKey string `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SubmitJobRequest) Reset() {
@@ -63,6 +67,13 @@ func (x *SubmitJobRequest) GetSpec() *JobSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *SubmitJobRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 type SubmitJobResponse struct {
@@ -520,9 +531,10 @@ var File_gpusched_v1_job_service_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1dgpusched/v1/job_service.proto\x12\vgpusched.v1\x1a\x15gpusched/v1/job.proto\"<\n" +
+	"\x1dgpusched/v1/job_service.proto\x12\vgpusched.v1\x1a\x15gpusched/v1/job.proto\"e\n" +
 	"\x10SubmitJobRequest\x12(\n" +
-	"\x04spec\x18\x01 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\"7\n" +
+	"\x04spec\x18\x01 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12'\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"7\n" +
 	"\x11SubmitJobResponse\x12\"\n" +
 	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\"\x1f\n" +
 	"\rGetJobRequest\x12\x0e\n" +
