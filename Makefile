@@ -23,9 +23,11 @@ build: ## Build bin/gpusched
 run: build ## Run a dev cluster: embedded etcd + scheduler + 4 simulated DGX H100 nodes
 	$(BIN) dev $(RUNFLAGS)
 
+# -count=1: the end-to-end tests exercise a binary they build themselves,
+# which go test's result cache cannot see, so results are never cached.
 .PHONY: test
 test: proto-check lint ## Run the whole suite: proto and lint checks, unit, integration and end-to-end tests
-	$(GO) test -race -timeout 30m $(TESTFLAGS) $(PKGS)
+	$(GO) test -race -count=1 -timeout 30m $(TESTFLAGS) $(PKGS)
 
 .PHONY: test-short
 test-short: ## Unit tests only (skips the end-to-end tests)

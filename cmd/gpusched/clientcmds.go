@@ -15,14 +15,20 @@ import (
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 )
 
-// dial builds a client from --server or GPUSCHED_SERVER.
+// dial builds a client from --server, else GPUSCHED_SERVER, else the
+// config file.
 func dial(cmd *cobra.Command) (*client.Client, error) {
-	server, _ := cmd.Flags().GetString("server")
+	flag, _ := cmd.Flags().GetString("server")
+	server := resolve(flag, os.Getenv("GPUSCHED_SERVER"), "")
 	if server == "" {
-		server = os.Getenv("GPUSCHED_SERVER")
+		fc, err := loadFileConfig()
+		if err != nil {
+			return nil, err
+		}
+		server = fc.Server
 	}
 	if server == "" {
-		return nil, usageError("no scheduler endpoint: pass --server or set GPUSCHED_SERVER (gpusched dev prints it)")
+		return nil, usageError("no scheduler endpoint: pass --server, set GPUSCHED_SERVER (gpusched dev prints it) or put server: in %s", configPath())
 	}
 	return client.New(cmd.Context(), client.Config{Endpoints: strings.Split(server, ",")})
 }

@@ -17,8 +17,22 @@ import (
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 )
 
-// Output formats of read commands.
-var outputFormats = []string{"table", "json", "yaml"}
+// Output formats of read commands: human tables (wide adds columns), the
+// API object (json, yaml), or names alone, one per line, for scripts.
+var outputFormats = []string{"table", "wide", "json", "yaml", "name"}
+
+// structured reports whether format prints the API object.
+func structured(format string) bool { return format == "json" || format == "yaml" }
+
+// printNames prints one name per line (-o name).
+func printNames(w io.Writer, names ...string) error {
+	for _, n := range names {
+		if _, err := fmt.Fprintln(w, n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 func checkOutput(format string) error {
 	for _, f := range outputFormats {

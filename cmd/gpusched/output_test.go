@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/gpusched/gpusched/client"
@@ -64,5 +66,38 @@ func TestExitCode(t *testing.T) {
 				t.Errorf("exitCode(%v) = %d, want %d", c.err, got, c.want)
 			}
 		})
+	}
+}
+
+func TestConfigPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", dir)
+	if err := os.MkdirAll(filepath.Join(dir, "gpusched"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "gpusched", "config.yaml"), []byte("server: file:1\ntoken: t\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fc, err := loadFileConfig()
+	if err != nil || fc.Server != "file:1" {
+		t.Fatalf("config = %+v, %v", fc, err)
+	}
+	cases := []struct{ name, flag, env, want string }{
+		{"a flag beats the environment and the file", "flag:1", "env:1", "flag:1"},
+		{"the environment beats the file", "", "env:1", "env:1"},
+		{"the file is the fallback", "", "", "file:1"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := resolve(c.flag, c.env, fc.Server); got != c.want {
+				t.Errorf("resolve = %q; want %q", got, c.want)
+			}
+		})
+	}
+	if err := os.WriteFile(filepath.Join(dir, "gpusched", "config.yaml"), []byte("srever: typo\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadFileConfig(); err == nil {
+		t.Error("a misspelt key was accepted")
 	}
 }

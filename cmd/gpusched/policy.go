@@ -75,8 +75,16 @@ that both want more than there is, nodes go in proportion to weight.`,
 			if err != nil {
 				return err
 			}
-			if output != "table" {
+			switch {
+			case structured(output):
 				return printProto(cmd.OutOrStdout(), output, &pb.ListTenantsResponse{Tenants: ts})
+			case output == "name":
+				for _, u := range ts {
+					if err := printNames(cmd.OutOrStdout(), u.GetTenant().GetName()); err != nil {
+						return err
+					}
+				}
+				return nil
 			}
 			t := newTable(cmd.OutOrStdout(), "TENANT", "WEIGHT", "NODES", "MAX-NODES", "PER-MODEL", "PENDING", "RUNNING")
 			for _, u := range ts {
@@ -95,7 +103,7 @@ that both want more than there is, nodes go in proportion to weight.`,
 			return t.flush()
 		},
 	}
-	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
 	cmd.AddCommand(set, list)
 	return cmd
 }
@@ -182,8 +190,16 @@ func newQueuesCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if output != "table" {
+			switch {
+			case structured(output):
 				return printProto(cmd.OutOrStdout(), output, &pb.ListQueuesResponse{Queues: qs})
+			case output == "name":
+				for _, u := range qs {
+					if err := printNames(cmd.OutOrStdout(), u.GetQueue().GetName()); err != nil {
+						return err
+					}
+				}
+				return nil
 			}
 			t := newTable(cmd.OutOrStdout(), "QUEUE", "PRIORITY", "WEIGHT", "STATE", "PENDING", "RUNNING")
 			for _, u := range qs {
@@ -197,7 +213,7 @@ func newQueuesCmd() *cobra.Command {
 			return t.flush()
 		},
 	}
-	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
 	cmd.AddCommand(create, update, list, pauseCmd, resumeCmd)
 	return cmd
 }

@@ -32,8 +32,16 @@ carrying an older one). Any replica answers, from etcd.`,
 				return err
 			}
 			w := cmd.OutOrStdout()
-			if output != "table" {
+			switch {
+			case structured(output):
 				return printProto(w, output, st)
+			case output == "name":
+				for _, r := range st.GetReplicas() {
+					if err := printNames(w, r.GetName()); err != nil {
+						return err
+					}
+				}
+				return nil
 			}
 			t := newTable(w, "REPLICA", "ADDRESS", "ROLE", "TOKEN", "UP")
 			now := time.Now()
@@ -53,6 +61,6 @@ carrying an older one). Any replica answers, from etcd.`,
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
 	return cmd
 }

@@ -39,7 +39,7 @@ func newJobsCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return printOne(w, output, job, describeJob)
+				return printOne(w, output, job, job.GetId(), describeJob)
 			}
 			req := &pb.ListJobsRequest{}
 			for _, s := range splitList(states) {
@@ -61,24 +61,41 @@ func newJobsCmd() *cobra.Command {
 				}
 				req.PageToken = resp.GetNextPageToken()
 			}
-			if output != "table" {
+			switch {
+			case structured(output):
 				return printProto(w, output, all)
+			case output == "name":
+				for _, j := range all.GetJobs() {
+					if err := printNames(w, j.GetId()); err != nil {
+						return err
+					}
+				}
+				return nil
 			}
 			now := time.Now()
-			t := newTable(w, "ID", "NAME", "TENANT", "STATE", "NODES", "GPU", "AGE", "NODELIST/REASON")
+			wide := output == "wide"
+			header := []string{"ID", "NAME", "TENANT", "STATE", "NODES", "GPU", "AGE"}
+			if wide {
+				header = append(header, "QUEUE", "PRIORITY", "LEASE", "ATTEMPTS")
+			}
+			t := newTable(w, append(header, "NODELIST/REASON")...)
 			for _, j := range all.GetJobs() {
 				s := j.GetSpec()
 				detail := j.GetReason()
 				if len(j.GetNodes()) > 0 && (j.GetState() == pb.JobState_JOB_STATE_SCHEDULED || j.GetState() == pb.JobState_JOB_STATE_RUNNING || detail == "") {
 					detail = strings.Join(j.GetNodes(), ",")
 				}
-				t.row(j.GetId(), orDash(s.GetName()), s.GetTenant(), stateName(j.GetState()), fmt.Sprint(s.GetNodes()),
-					orDash(s.GetGpuModel()), age(j.GetCreateTime(), now), orDash(detail))
+				row := []string{j.GetId(), orDash(s.GetName()), s.GetTenant(), stateName(j.GetState()), fmt.Sprint(s.GetNodes()),
+					orDash(s.GetGpuModel()), age(j.GetCreateTime(), now)}
+				if wide {
+					row = append(row, orDash(s.GetQueue()), fmt.Sprint(s.GetPriority()), orDash(j.GetLeaseId()), fmt.Sprint(j.GetAttempts()))
+				}
+				t.row(append(row, orDash(detail))...)
 			}
 			return t.flush()
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
 	cmd.Flags().StringSliceVar(&states, "state", nil, "only jobs in these states (pending, running, succeeded, ...)")
 	return cmd
 }
@@ -94,10 +111,14 @@ func readArgs(output *string, what string) cobra.PositionalArgs {
 	}
 }
 
-// printOne shows one object: described for humans, or as the API object.
-func printOne[T proto.Message](w io.Writer, output string, obj T, describe func(io.Writer, T) error) error {
-	if output != "table" {
+// printOne shows one object: described for humans, as the API object, or
+// its name alone.
+func printOne[T proto.Message](w io.Writer, output string, obj T, name string, describe func(io.Writer, T) error) error {
+	switch {
+	case structured(output):
 		return printProto(w, output, obj)
+	case output == "name":
+		return printNames(w, name)
 	}
 	return describe(w, obj)
 }
@@ -260,29 +281,46 @@ func newNodesCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return printOne(w, output, n, describeNode)
+				return printOne(w, output, n, n.GetId(), describeNode)
 			}
 			nodes, err := c.Nodes(cmd.Context())
 			if err != nil {
 				return err
 			}
-			if output != "table" {
+			switch {
+			case structured(output):
 				return printProto(w, output, &pb.ListNodesResponse{Nodes: nodes})
+			case output == "name":
+				for _, n := range nodes {
+					if err := printNames(w, n.GetId()); err != nil {
+						return err
+					}
+				}
+				return nil
 			}
-			t := newTable(w, "NAME", "STATE", "GPU", "GPUS", "GPU-MEM", "DRIVER", "AGENT", "LEASE", "JOB")
+			wide := output == "wide"
+			header := []string{"NAME", "STATE", "GPU", "GPUS", "GPU-MEM", "DRIVER", "AGENT", "LEASE", "JOB"}
+			if wide {
+				header = append(header, "ADDRESS", "LABELS")
+			}
+			t := newTable(w, header...)
 			for _, n := range nodes {
 				inv := n.GetInventory()
 				agent := "connected"
 				if !n.GetConnected() {
 					agent = "disconnected"
 				}
-				t.row(n.GetId(), nodeStateName(n.GetState()), orDash(inv.GetGpuModel()), fmt.Sprint(inv.GetGpuCount()),
-					gib(inv.GetGpuMemoryBytes()), orDash(inv.GetDriverVersion()), agent, orDash(n.GetLeaseId()), orDash(n.GetJobId()))
+				row := []string{n.GetId(), nodeStateName(n.GetState()), orDash(inv.GetGpuModel()), fmt.Sprint(inv.GetGpuCount()),
+					gib(inv.GetGpuMemoryBytes()), orDash(inv.GetDriverVersion()), agent, orDash(n.GetLeaseId()), orDash(n.GetJobId())}
+				if wide {
+					row = append(row, orDash(n.GetAddress()), orDash(labelString(n.GetLabels())))
+				}
+				t.row(row...)
 			}
 			return t.flush()
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
 	cmd.AddCommand(newNodesLabelCmd())
 	return cmd
 }
@@ -328,6 +366,16 @@ agent reports (--labels) key by key, and feed placement: --selector, and
 			return nil
 		},
 	}
+}
+
+// labelString renders labels as sorted k=v,k=v.
+func labelString(labels map[string]string) string {
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k+"="+labels[k])
+	}
+	sort.Strings(keys)
+	return strings.Join(keys, ",")
 }
 
 func describeNode(w io.Writer, n *pb.Node) error {
