@@ -35,42 +35,13 @@ func (e *Engine) tenant(name string) model.Tenant {
 	return model.Tenant{Name: name, Weight: 1}
 }
 
-type policyEvent struct {
-	apply_ func(e *Engine) error
-	reply  chan error
-}
-
-func (ev *policyEvent) apply(e *Engine) {
-	err := ev.apply_(e)
-	if err == nil {
-		e.needCycle = true
-	}
-	e.reply(func() { ev.reply <- err })
-}
-
-// policy runs fn on the loop and waits for it to commit.
-func (e *Engine) policy(ctx context.Context, fn func(e *Engine) error) error {
-	ev := &policyEvent{apply_: fn, reply: make(chan error, 1)}
-	if err := e.post(ctx, ev); err != nil {
-		return err
-	}
-	select {
-	case err := <-ev.reply:
-		return err
-	case <-e.stopped:
-		return model.ErrStopped
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // SetTenant creates or replaces a tenant's limits and weight.
 func (e *Engine) SetTenant(ctx context.Context, t model.Tenant) (model.Tenant, error) {
 	t, err := model.NormalizeTenant(t)
 	if err != nil {
 		return t, err
 	}
-	return t, e.policy(ctx, func(e *Engine) error {
+	return t, e.onLoop(ctx, func(e *Engine) error {
 		e.tenants[t.Name] = t
 		e.persist(store.Change{Tenant: &t})
 		e.log.Info("tenant set", zap.String("tenant", t.Name), zap.Int("max_nodes", t.MaxNodes), zap.Float64("weight", t.Weight))
@@ -85,7 +56,7 @@ func (e *Engine) SaveQueue(ctx context.Context, q model.Queue, create bool) (mod
 		return q, err
 	}
 	var out model.Queue
-	err = e.policy(ctx, func(e *Engine) error {
+	err = e.onLoop(ctx, func(e *Engine) error {
 		old, exists := e.queues[q.Name]
 		switch {
 		case create && exists:
@@ -108,7 +79,7 @@ func (e *Engine) PauseQueue(ctx context.Context, name string, pause bool) (model
 		return model.Queue{}, err
 	}
 	var out model.Queue
-	err := e.policy(ctx, func(e *Engine) error {
+	err := e.onLoop(ctx, func(e *Engine) error {
 		q, ok := e.queues[name]
 		if !ok {
 			return model.Errorf(model.ErrNotFound, "queue %s not found", name)
