@@ -130,7 +130,15 @@ type JobSpec struct {
 	// Queue the job waits in; default "default".
 	Queue string `protobuf:"bytes,14,opt,name=queue,proto3" json:"queue,omitempty"`
 	// Priority within its queue; higher goes first. -1000..1000, default 0.
-	Priority      int32 `protobuf:"varint,15,opt,name=priority,proto3" json:"priority,omitempty"`
+	Priority int32 `protobuf:"varint,15,opt,name=priority,proto3" json:"priority,omitempty"`
+	// Free-form labels for finding the job again (list and watch filter on
+	// them), e.g. {"team": "vision", "run": "sweep-7"}. At most 32; keys are
+	// [prefix/]name as in Kubernetes, values at most 63 characters.
+	Labels map[string]string `protobuf:"bytes,16,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Job set the job belongs to: a name grouping the jobs of one workflow
+	// run or sweep, listed and watched together. Optional, same rules as a
+	// label value.
+	JobSet        string `protobuf:"bytes,17,opt,name=job_set,json=jobSet,proto3" json:"job_set,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -270,6 +278,92 @@ func (x *JobSpec) GetPriority() int32 {
 	return 0
 }
 
+func (x *JobSpec) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *JobSpec) GetJobSet() string {
+	if x != nil {
+		return x.JobSet
+	}
+	return ""
+}
+
+// JobTransition is one state change of a job. seq numbers a job's
+// transitions 1, 2, 3... so a watcher can tell a new one from a repeat.
+type JobTransition struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Seq   int32                  `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	State JobState               `protobuf:"varint,2,opt,name=state,proto3,enum=gpusched.v1.JobState" json:"state,omitempty"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
+	// Why, when the state has a cause (requeued after a node was lost,
+	// cancelled by a user, failed with an exit code...).
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobTransition) Reset() {
+	*x = JobTransition{}
+	mi := &file_gpusched_v1_job_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobTransition) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobTransition) ProtoMessage() {}
+
+func (x *JobTransition) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobTransition.ProtoReflect.Descriptor instead.
+func (*JobTransition) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *JobTransition) GetSeq() int32 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *JobTransition) GetState() JobState {
+	if x != nil {
+		return x.State
+	}
+	return JobState_JOB_STATE_UNSPECIFIED
+}
+
+func (x *JobTransition) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *JobTransition) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // NodeExit is how a job's command ended on one node.
 type NodeExit struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -288,7 +382,7 @@ type NodeExit struct {
 
 func (x *NodeExit) Reset() {
 	*x = NodeExit{}
-	mi := &file_gpusched_v1_job_proto_msgTypes[1]
+	mi := &file_gpusched_v1_job_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -300,7 +394,7 @@ func (x *NodeExit) String() string {
 func (*NodeExit) ProtoMessage() {}
 
 func (x *NodeExit) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_proto_msgTypes[1]
+	mi := &file_gpusched_v1_job_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -313,7 +407,7 @@ func (x *NodeExit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeExit.ProtoReflect.Descriptor instead.
 func (*NodeExit) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{1}
+	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *NodeExit) GetNode() string {
@@ -387,13 +481,15 @@ type Job struct {
 	Events []*NodeEvent `protobuf:"bytes,14,rep,name=events,proto3" json:"events,omitempty"`
 	// The idempotency key it was submitted with, if any.
 	IdempotencyKey string `protobuf:"bytes,15,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Every state change, oldest first; the first is PENDING at submission.
+	Transitions   []*JobTransition `protobuf:"bytes,16,rep,name=transitions,proto3" json:"transitions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
 	*x = Job{}
-	mi := &file_gpusched_v1_job_proto_msgTypes[2]
+	mi := &file_gpusched_v1_job_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -405,7 +501,7 @@ func (x *Job) String() string {
 func (*Job) ProtoMessage() {}
 
 func (x *Job) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_proto_msgTypes[2]
+	mi := &file_gpusched_v1_job_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -418,7 +514,7 @@ func (x *Job) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Job.ProtoReflect.Descriptor instead.
 func (*Job) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{2}
+	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Job) GetId() string {
@@ -526,6 +622,13 @@ func (x *Job) GetIdempotencyKey() string {
 	return ""
 }
 
+func (x *Job) GetTransitions() []*JobTransition {
+	if x != nil {
+		return x.Transitions
+	}
+	return nil
+}
+
 // IdempotencyRecord maps a tenant's idempotency key to the job it created
 // (stored under <prefix>/idem/<tenant>/<key> until it expires).
 type IdempotencyRecord struct {
@@ -540,7 +643,7 @@ type IdempotencyRecord struct {
 
 func (x *IdempotencyRecord) Reset() {
 	*x = IdempotencyRecord{}
-	mi := &file_gpusched_v1_job_proto_msgTypes[3]
+	mi := &file_gpusched_v1_job_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +655,7 @@ func (x *IdempotencyRecord) String() string {
 func (*IdempotencyRecord) ProtoMessage() {}
 
 func (x *IdempotencyRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_proto_msgTypes[3]
+	mi := &file_gpusched_v1_job_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +668,7 @@ func (x *IdempotencyRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdempotencyRecord.ProtoReflect.Descriptor instead.
 func (*IdempotencyRecord) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{3}
+	return file_gpusched_v1_job_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *IdempotencyRecord) GetTenant() string {
@@ -600,7 +703,7 @@ var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
-	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xa4\x05\n" +
+	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xb2\x06\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x14\n" +
@@ -619,21 +722,31 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\btopology\x18\f \x01(\tR\btopology\x12'\n" +
 	"\x0fprefer_topology\x18\r \x01(\tR\x0epreferTopology\x12\x14\n" +
 	"\x05queue\x18\x0e \x01(\tR\x05queue\x12\x1a\n" +
-	"\bpriority\x18\x0f \x01(\x05R\bpriority\x1a6\n" +
+	"\bpriority\x18\x0f \x01(\x05R\bpriority\x128\n" +
+	"\x06labels\x18\x10 \x03(\v2 .gpusched.v1.JobSpec.LabelsEntryR\x06labels\x12\x17\n" +
+	"\ajob_set\x18\x11 \x01(\tR\x06jobSet\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n" +
 	"\rSelectorEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n" +
-	"\f_max_retries\"\xb1\x01\n" +
+	"\f_max_retries\"\x96\x01\n" +
+	"\rJobTransition\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x05R\x03seq\x12+\n" +
+	"\x05state\x18\x02 \x01(\x0e2\x15.gpusched.v1.JobStateR\x05state\x12.\n" +
+	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"\xb1\x01\n" +
 	"\bNodeExit\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x1b\n" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06signal\x18\x04 \x01(\tR\x06signal\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12.\n" +
-	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xe1\x04\n" +
+	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x9f\x05\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12+\n" +
@@ -652,7 +765,8 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\battempts\x18\f \x01(\x05R\battempts\x12\x18\n" +
 	"\aretries\x18\r \x01(\x05R\aretries\x12.\n" +
 	"\x06events\x18\x0e \x03(\v2\x16.gpusched.v1.NodeEventR\x06events\x12'\n" +
-	"\x0fidempotency_key\x18\x0f \x01(\tR\x0eidempotencyKey\"\x91\x01\n" +
+	"\x0fidempotency_key\x18\x0f \x01(\tR\x0eidempotencyKey\x12<\n" +
+	"\vtransitions\x18\x10 \x03(\v2\x1a.gpusched.v1.JobTransitionR\vtransitions\"\x91\x01\n" +
 	"\x11IdempotencyRecord\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x15\n" +
@@ -683,38 +797,44 @@ func file_gpusched_v1_job_proto_rawDescGZIP() []byte {
 }
 
 var file_gpusched_v1_job_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpusched_v1_job_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_gpusched_v1_job_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_gpusched_v1_job_proto_goTypes = []any{
 	(JobState)(0),                 // 0: gpusched.v1.JobState
 	(*JobSpec)(nil),               // 1: gpusched.v1.JobSpec
-	(*NodeExit)(nil),              // 2: gpusched.v1.NodeExit
-	(*Job)(nil),                   // 3: gpusched.v1.Job
-	(*IdempotencyRecord)(nil),     // 4: gpusched.v1.IdempotencyRecord
-	nil,                           // 5: gpusched.v1.JobSpec.EnvEntry
-	nil,                           // 6: gpusched.v1.JobSpec.SelectorEntry
-	(*durationpb.Duration)(nil),   // 7: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
-	(*NodeEvent)(nil),             // 9: gpusched.v1.NodeEvent
+	(*JobTransition)(nil),         // 2: gpusched.v1.JobTransition
+	(*NodeExit)(nil),              // 3: gpusched.v1.NodeExit
+	(*Job)(nil),                   // 4: gpusched.v1.Job
+	(*IdempotencyRecord)(nil),     // 5: gpusched.v1.IdempotencyRecord
+	nil,                           // 6: gpusched.v1.JobSpec.EnvEntry
+	nil,                           // 7: gpusched.v1.JobSpec.SelectorEntry
+	nil,                           // 8: gpusched.v1.JobSpec.LabelsEntry
+	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*NodeEvent)(nil),             // 11: gpusched.v1.NodeEvent
 }
 var file_gpusched_v1_job_proto_depIdxs = []int32{
-	5,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
-	7,  // 1: gpusched.v1.JobSpec.time_limit:type_name -> google.protobuf.Duration
-	6,  // 2: gpusched.v1.JobSpec.selector:type_name -> gpusched.v1.JobSpec.SelectorEntry
-	8,  // 3: gpusched.v1.NodeExit.time:type_name -> google.protobuf.Timestamp
-	1,  // 4: gpusched.v1.Job.spec:type_name -> gpusched.v1.JobSpec
-	0,  // 5: gpusched.v1.Job.state:type_name -> gpusched.v1.JobState
-	8,  // 6: gpusched.v1.Job.create_time:type_name -> google.protobuf.Timestamp
-	8,  // 7: gpusched.v1.Job.schedule_time:type_name -> google.protobuf.Timestamp
-	8,  // 8: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
-	8,  // 9: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
-	2,  // 10: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
-	9,  // 11: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
-	8,  // 12: gpusched.v1.IdempotencyRecord.create_time:type_name -> google.protobuf.Timestamp
-	13, // [13:13] is the sub-list for method output_type
-	13, // [13:13] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	6,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
+	9,  // 1: gpusched.v1.JobSpec.time_limit:type_name -> google.protobuf.Duration
+	7,  // 2: gpusched.v1.JobSpec.selector:type_name -> gpusched.v1.JobSpec.SelectorEntry
+	8,  // 3: gpusched.v1.JobSpec.labels:type_name -> gpusched.v1.JobSpec.LabelsEntry
+	0,  // 4: gpusched.v1.JobTransition.state:type_name -> gpusched.v1.JobState
+	10, // 5: gpusched.v1.JobTransition.time:type_name -> google.protobuf.Timestamp
+	10, // 6: gpusched.v1.NodeExit.time:type_name -> google.protobuf.Timestamp
+	1,  // 7: gpusched.v1.Job.spec:type_name -> gpusched.v1.JobSpec
+	0,  // 8: gpusched.v1.Job.state:type_name -> gpusched.v1.JobState
+	10, // 9: gpusched.v1.Job.create_time:type_name -> google.protobuf.Timestamp
+	10, // 10: gpusched.v1.Job.schedule_time:type_name -> google.protobuf.Timestamp
+	10, // 11: gpusched.v1.Job.start_time:type_name -> google.protobuf.Timestamp
+	10, // 12: gpusched.v1.Job.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 13: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
+	11, // 14: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
+	2,  // 15: gpusched.v1.Job.transitions:type_name -> gpusched.v1.JobTransition
+	10, // 16: gpusched.v1.IdempotencyRecord.create_time:type_name -> google.protobuf.Timestamp
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_job_proto_init() }
@@ -730,7 +850,7 @@ func file_gpusched_v1_job_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_job_proto_rawDesc), len(file_gpusched_v1_job_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -120,6 +120,267 @@ func (x *SubmitJobResponse) GetJob() *Job {
 	return nil
 }
 
+type SubmitJobsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1,000 submissions, each with its own optional idempotency key.
+	Items         []*SubmitJobRequest `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitJobsRequest) Reset() {
+	*x = SubmitJobsRequest{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitJobsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitJobsRequest) ProtoMessage() {}
+
+func (x *SubmitJobsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitJobsRequest.ProtoReflect.Descriptor instead.
+func (*SubmitJobsRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SubmitJobsRequest) GetItems() []*SubmitJobRequest {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type SubmitJobsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per item, in request order.
+	Results       []*SubmitJobsResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitJobsResponse) Reset() {
+	*x = SubmitJobsResponse{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitJobsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitJobsResponse) ProtoMessage() {}
+
+func (x *SubmitJobsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitJobsResponse.ProtoReflect.Descriptor instead.
+func (*SubmitJobsResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *SubmitJobsResponse) GetResults() []*SubmitJobsResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// SubmitJobsResult is the outcome of one item of a batch: job on success,
+// error otherwise.
+type SubmitJobsResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Job           *Job                   `protobuf:"bytes,1,opt,name=job,proto3" json:"job,omitempty"`
+	Error         *ItemError             `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitJobsResult) Reset() {
+	*x = SubmitJobsResult{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitJobsResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitJobsResult) ProtoMessage() {}
+
+func (x *SubmitJobsResult) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitJobsResult.ProtoReflect.Descriptor instead.
+func (*SubmitJobsResult) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *SubmitJobsResult) GetJob() *Job {
+	if x != nil {
+		return x.Job
+	}
+	return nil
+}
+
+func (x *SubmitJobsResult) GetError() *ItemError {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+// ItemError is why one item of a batch was refused.
+type ItemError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gRPC status code the item would have failed with on its own
+	// (3 INVALID_ARGUMENT, 9 FAILED_PRECONDITION, ...).
+	Code            int32                 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message         string                `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	FieldViolations []*ItemFieldViolation `protobuf:"bytes,3,rep,name=field_violations,json=fieldViolations,proto3" json:"field_violations,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ItemError) Reset() {
+	*x = ItemError{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ItemError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ItemError) ProtoMessage() {}
+
+func (x *ItemError) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ItemError.ProtoReflect.Descriptor instead.
+func (*ItemError) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ItemError) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *ItemError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ItemError) GetFieldViolations() []*ItemFieldViolation {
+	if x != nil {
+		return x.FieldViolations
+	}
+	return nil
+}
+
+// ItemFieldViolation names an invalid field of one item, relative to the
+// item (e.g. "spec.nodes").
+type ItemFieldViolation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Field         string                 `protobuf:"bytes,1,opt,name=field,proto3" json:"field,omitempty"`
+	Description   string                 `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ItemFieldViolation) Reset() {
+	*x = ItemFieldViolation{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ItemFieldViolation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ItemFieldViolation) ProtoMessage() {}
+
+func (x *ItemFieldViolation) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ItemFieldViolation.ProtoReflect.Descriptor instead.
+func (*ItemFieldViolation) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ItemFieldViolation) GetField() string {
+	if x != nil {
+		return x.Field
+	}
+	return ""
+}
+
+func (x *ItemFieldViolation) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
 type GetJobRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -129,7 +390,7 @@ type GetJobRequest struct {
 
 func (x *GetJobRequest) Reset() {
 	*x = GetJobRequest{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[2]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -141,7 +402,7 @@ func (x *GetJobRequest) String() string {
 func (*GetJobRequest) ProtoMessage() {}
 
 func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[2]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -154,7 +415,7 @@ func (x *GetJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobRequest.ProtoReflect.Descriptor instead.
 func (*GetJobRequest) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{2}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetJobRequest) GetId() string {
@@ -173,7 +434,7 @@ type GetJobResponse struct {
 
 func (x *GetJobResponse) Reset() {
 	*x = GetJobResponse{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[3]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -185,7 +446,7 @@ func (x *GetJobResponse) String() string {
 func (*GetJobResponse) ProtoMessage() {}
 
 func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[3]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -198,7 +459,7 @@ func (x *GetJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobResponse.ProtoReflect.Descriptor instead.
 func (*GetJobResponse) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{3}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *GetJobResponse) GetJob() *Job {
@@ -208,21 +469,115 @@ func (x *GetJobResponse) GetJob() *Job {
 	return nil
 }
 
+// JobSelector picks jobs by their attributes; empty fields match all, and
+// a job must match every field that is set.
+type JobSelector struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only these job IDs.
+	Ids []string `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	// Only jobs in one of these states (for WatchJobs: only transitions into
+	// one of these states).
+	States []JobState `protobuf:"varint,2,rep,packed,name=states,proto3,enum=gpusched.v1.JobState" json:"states,omitempty"`
+	// Only jobs in one of these queues.
+	Queues []string `protobuf:"bytes,3,rep,name=queues,proto3" json:"queues,omitempty"`
+	// Only jobs of one of these tenants.
+	Tenants []string `protobuf:"bytes,4,rep,name=tenants,proto3" json:"tenants,omitempty"`
+	// Only jobs carrying every one of these labels with these values.
+	Labels map[string]string `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Only jobs of this job set.
+	JobSet        string `protobuf:"bytes,6,opt,name=job_set,json=jobSet,proto3" json:"job_set,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobSelector) Reset() {
+	*x = JobSelector{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobSelector) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobSelector) ProtoMessage() {}
+
+func (x *JobSelector) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobSelector.ProtoReflect.Descriptor instead.
+func (*JobSelector) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *JobSelector) GetIds() []string {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+func (x *JobSelector) GetStates() []JobState {
+	if x != nil {
+		return x.States
+	}
+	return nil
+}
+
+func (x *JobSelector) GetQueues() []string {
+	if x != nil {
+		return x.Queues
+	}
+	return nil
+}
+
+func (x *JobSelector) GetTenants() []string {
+	if x != nil {
+		return x.Tenants
+	}
+	return nil
+}
+
+func (x *JobSelector) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+func (x *JobSelector) GetJobSet() string {
+	if x != nil {
+		return x.JobSet
+	}
+	return ""
+}
+
 type ListJobsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Only jobs in one of these states; empty means all.
+	// Deprecated: use selector.states. Only jobs in one of these states.
 	States []JobState `protobuf:"varint,1,rep,packed,name=states,proto3,enum=gpusched.v1.JobState" json:"states,omitempty"`
 	// At most this many jobs (default 500, max 5000).
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// From a previous response's next_page_token.
-	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken     string       `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	Selector      *JobSelector `protobuf:"bytes,4,opt,name=selector,proto3" json:"selector,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListJobsRequest) Reset() {
 	*x = ListJobsRequest{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[4]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -234,7 +589,7 @@ func (x *ListJobsRequest) String() string {
 func (*ListJobsRequest) ProtoMessage() {}
 
 func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[4]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -247,7 +602,7 @@ func (x *ListJobsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsRequest.ProtoReflect.Descriptor instead.
 func (*ListJobsRequest) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{4}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListJobsRequest) GetStates() []JobState {
@@ -271,18 +626,28 @@ func (x *ListJobsRequest) GetPageToken() string {
 	return ""
 }
 
+func (x *ListJobsRequest) GetSelector() *JobSelector {
+	if x != nil {
+		return x.Selector
+	}
+	return nil
+}
+
 type ListJobsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Jobs  []*Job                 `protobuf:"bytes,1,rep,name=jobs,proto3" json:"jobs,omitempty"`
 	// Empty when there are no more jobs.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// Where this page was read in the change history: WatchJobs from this
+	// cursor delivers every change made after it.
+	Cursor        string `protobuf:"bytes,3,opt,name=cursor,proto3" json:"cursor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListJobsResponse) Reset() {
 	*x = ListJobsResponse{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[5]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -294,7 +659,7 @@ func (x *ListJobsResponse) String() string {
 func (*ListJobsResponse) ProtoMessage() {}
 
 func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[5]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -307,7 +672,7 @@ func (x *ListJobsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListJobsResponse.ProtoReflect.Descriptor instead.
 func (*ListJobsResponse) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{5}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListJobsResponse) GetJobs() []*Job {
@@ -324,6 +689,13 @@ func (x *ListJobsResponse) GetNextPageToken() string {
 	return ""
 }
 
+func (x *ListJobsResponse) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
 type CancelJobRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -335,7 +707,7 @@ type CancelJobRequest struct {
 
 func (x *CancelJobRequest) Reset() {
 	*x = CancelJobRequest{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[6]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -347,7 +719,7 @@ func (x *CancelJobRequest) String() string {
 func (*CancelJobRequest) ProtoMessage() {}
 
 func (x *CancelJobRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[6]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -360,7 +732,7 @@ func (x *CancelJobRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelJobRequest.ProtoReflect.Descriptor instead.
 func (*CancelJobRequest) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{6}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CancelJobRequest) GetId() string {
@@ -386,7 +758,7 @@ type CancelJobResponse struct {
 
 func (x *CancelJobResponse) Reset() {
 	*x = CancelJobResponse{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[7]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -398,7 +770,7 @@ func (x *CancelJobResponse) String() string {
 func (*CancelJobResponse) ProtoMessage() {}
 
 func (x *CancelJobResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[7]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -411,7 +783,7 @@ func (x *CancelJobResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelJobResponse.ProtoReflect.Descriptor instead.
 func (*CancelJobResponse) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{7}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CancelJobResponse) GetJob() *Job {
@@ -422,15 +794,17 @@ func (x *CancelJobResponse) GetJob() *Job {
 }
 
 type GetJobLogsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Keep streaming new output while the job runs, until it ends.
+	Follow        bool `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetJobLogsRequest) Reset() {
 	*x = GetJobLogsRequest{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[8]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +816,7 @@ func (x *GetJobLogsRequest) String() string {
 func (*GetJobLogsRequest) ProtoMessage() {}
 
 func (x *GetJobLogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[8]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,7 +829,7 @@ func (x *GetJobLogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobLogsRequest.ProtoReflect.Descriptor instead.
 func (*GetJobLogsRequest) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{8}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetJobLogsRequest) GetId() string {
@@ -463,6 +837,13 @@ func (x *GetJobLogsRequest) GetId() string {
 		return x.Id
 	}
 	return ""
+}
+
+func (x *GetJobLogsRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
 }
 
 type GetJobLogsResponse struct {
@@ -478,7 +859,7 @@ type GetJobLogsResponse struct {
 
 func (x *GetJobLogsResponse) Reset() {
 	*x = GetJobLogsResponse{}
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[9]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -490,7 +871,7 @@ func (x *GetJobLogsResponse) String() string {
 func (*GetJobLogsResponse) ProtoMessage() {}
 
 func (x *GetJobLogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_gpusched_v1_job_service_proto_msgTypes[9]
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -503,7 +884,7 @@ func (x *GetJobLogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJobLogsResponse.ProtoReflect.Descriptor instead.
 func (*GetJobLogsResponse) Descriptor() ([]byte, []int) {
-	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{9}
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetJobLogsResponse) GetNode() string {
@@ -527,6 +908,179 @@ func (x *GetJobLogsResponse) GetData() []byte {
 	return nil
 }
 
+type WatchJobsRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Selector *JobSelector           `protobuf:"bytes,1,opt,name=selector,proto3" json:"selector,omitempty"`
+	// Continue after this cursor (from a WatchJobsResponse or a
+	// ListJobsResponse). Empty: start now, with only changes to come.
+	Cursor        string `protobuf:"bytes,2,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchJobsRequest) Reset() {
+	*x = WatchJobsRequest{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchJobsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchJobsRequest) ProtoMessage() {}
+
+func (x *WatchJobsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchJobsRequest.ProtoReflect.Descriptor instead.
+func (*WatchJobsRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *WatchJobsRequest) GetSelector() *JobSelector {
+	if x != nil {
+		return x.Selector
+	}
+	return nil
+}
+
+func (x *WatchJobsRequest) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+type WatchJobsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The changes committed together at this point of the history; may be
+	// empty (the first response of every watch, and progress notes), so a
+	// watcher always holds a fresh cursor.
+	Events []*JobEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// Resume point: a watch from it continues after these events.
+	Cursor        string `protobuf:"bytes,2,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchJobsResponse) Reset() {
+	*x = WatchJobsResponse{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchJobsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchJobsResponse) ProtoMessage() {}
+
+func (x *WatchJobsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchJobsResponse.ProtoReflect.Descriptor instead.
+func (*WatchJobsResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *WatchJobsResponse) GetEvents() []*JobEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *WatchJobsResponse) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+// JobEvent is one state change of one job.
+type JobEvent struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	JobId      string                 `protobuf:"bytes,1,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Transition *JobTransition         `protobuf:"bytes,2,opt,name=transition,proto3" json:"transition,omitempty"`
+	// The job as it was right after the change was committed (it may
+	// already show later changes committed in the same transaction).
+	Job           *Job `protobuf:"bytes,3,opt,name=job,proto3" json:"job,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JobEvent) Reset() {
+	*x = JobEvent{}
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JobEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JobEvent) ProtoMessage() {}
+
+func (x *JobEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_job_service_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JobEvent.ProtoReflect.Descriptor instead.
+func (*JobEvent) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_job_service_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *JobEvent) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *JobEvent) GetTransition() *JobTransition {
+	if x != nil {
+		return x.Transition
+	}
+	return nil
+}
+
+func (x *JobEvent) GetJob() *Job {
+	if x != nil {
+		return x.Job
+	}
+	return nil
+}
+
 var File_gpusched_v1_job_service_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_service_proto_rawDesc = "" +
@@ -536,38 +1090,80 @@ const file_gpusched_v1_job_service_proto_rawDesc = "" +
 	"\x04spec\x18\x01 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12'\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"7\n" +
 	"\x11SubmitJobResponse\x12\"\n" +
-	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\"\x1f\n" +
+	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\"H\n" +
+	"\x11SubmitJobsRequest\x123\n" +
+	"\x05items\x18\x01 \x03(\v2\x1d.gpusched.v1.SubmitJobRequestR\x05items\"M\n" +
+	"\x12SubmitJobsResponse\x127\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.gpusched.v1.SubmitJobsResultR\aresults\"d\n" +
+	"\x10SubmitJobsResult\x12\"\n" +
+	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\x12,\n" +
+	"\x05error\x18\x02 \x01(\v2\x16.gpusched.v1.ItemErrorR\x05error\"\x85\x01\n" +
+	"\tItemError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12J\n" +
+	"\x10field_violations\x18\x03 \x03(\v2\x1f.gpusched.v1.ItemFieldViolationR\x0ffieldViolations\"L\n" +
+	"\x12ItemFieldViolation\x12\x14\n" +
+	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\"\x1f\n" +
 	"\rGetJobRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"4\n" +
 	"\x0eGetJobResponse\x12\"\n" +
-	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\"|\n" +
+	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\"\x92\x02\n" +
+	"\vJobSelector\x12\x10\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\x12-\n" +
+	"\x06states\x18\x02 \x03(\x0e2\x15.gpusched.v1.JobStateR\x06states\x12\x16\n" +
+	"\x06queues\x18\x03 \x03(\tR\x06queues\x12\x18\n" +
+	"\atenants\x18\x04 \x03(\tR\atenants\x12<\n" +
+	"\x06labels\x18\x05 \x03(\v2$.gpusched.v1.JobSelector.LabelsEntryR\x06labels\x12\x17\n" +
+	"\ajob_set\x18\x06 \x01(\tR\x06jobSet\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb2\x01\n" +
 	"\x0fListJobsRequest\x12-\n" +
 	"\x06states\x18\x01 \x03(\x0e2\x15.gpusched.v1.JobStateR\x06states\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x03 \x01(\tR\tpageToken\"`\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x124\n" +
+	"\bselector\x18\x04 \x01(\v2\x18.gpusched.v1.JobSelectorR\bselector\"x\n" +
 	"\x10ListJobsResponse\x12$\n" +
 	"\x04jobs\x18\x01 \x03(\v2\x10.gpusched.v1.JobR\x04jobs\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\":\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x16\n" +
+	"\x06cursor\x18\x03 \x01(\tR\x06cursor\":\n" +
 	"\x10CancelJobRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"7\n" +
 	"\x11CancelJobResponse\x12\"\n" +
-	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\"#\n" +
+	"\x03job\x18\x01 \x01(\v2\x10.gpusched.v1.JobR\x03job\";\n" +
 	"\x11GetJobLogsRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"P\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\"P\n" +
 	"\x12GetJobLogsResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x12\n" +
 	"\x04rank\x18\x02 \x01(\x05R\x04rank\x12\x12\n" +
-	"\x04data\x18\x03 \x01(\fR\x04data2\x81\x03\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"`\n" +
+	"\x10WatchJobsRequest\x124\n" +
+	"\bselector\x18\x01 \x01(\v2\x18.gpusched.v1.JobSelectorR\bselector\x12\x16\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\"Z\n" +
+	"\x11WatchJobsResponse\x12-\n" +
+	"\x06events\x18\x01 \x03(\v2\x15.gpusched.v1.JobEventR\x06events\x12\x16\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\"\x81\x01\n" +
+	"\bJobEvent\x12\x15\n" +
+	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12:\n" +
+	"\n" +
+	"transition\x18\x02 \x01(\v2\x1a.gpusched.v1.JobTransitionR\n" +
+	"transition\x12\"\n" +
+	"\x03job\x18\x03 \x01(\v2\x10.gpusched.v1.JobR\x03job2\x9e\x04\n" +
 	"\n" +
 	"JobService\x12J\n" +
-	"\tSubmitJob\x12\x1d.gpusched.v1.SubmitJobRequest\x1a\x1e.gpusched.v1.SubmitJobResponse\x12A\n" +
+	"\tSubmitJob\x12\x1d.gpusched.v1.SubmitJobRequest\x1a\x1e.gpusched.v1.SubmitJobResponse\x12M\n" +
+	"\n" +
+	"SubmitJobs\x12\x1e.gpusched.v1.SubmitJobsRequest\x1a\x1f.gpusched.v1.SubmitJobsResponse\x12A\n" +
 	"\x06GetJob\x12\x1a.gpusched.v1.GetJobRequest\x1a\x1b.gpusched.v1.GetJobResponse\x12G\n" +
 	"\bListJobs\x12\x1c.gpusched.v1.ListJobsRequest\x1a\x1d.gpusched.v1.ListJobsResponse\x12J\n" +
 	"\tCancelJob\x12\x1d.gpusched.v1.CancelJobRequest\x1a\x1e.gpusched.v1.CancelJobResponse\x12O\n" +
 	"\n" +
-	"GetJobLogs\x12\x1e.gpusched.v1.GetJobLogsRequest\x1a\x1f.gpusched.v1.GetJobLogsResponse0\x01B\xaa\x01\n" +
+	"GetJobLogs\x12\x1e.gpusched.v1.GetJobLogsRequest\x1a\x1f.gpusched.v1.GetJobLogsResponse0\x01\x12L\n" +
+	"\tWatchJobs\x12\x1d.gpusched.v1.WatchJobsRequest\x1a\x1e.gpusched.v1.WatchJobsResponse0\x01B\xaa\x01\n" +
 	"\x0fcom.gpusched.v1B\x0fJobServiceProtoP\x01Z9github.com/gpusched/gpusched/proto/gpusched/v1;gpuschedv1\xa2\x02\x03GXX\xaa\x02\vGpusched.V1\xca\x02\vGpusched\\V1\xe2\x02\x17Gpusched\\V1\\GPBMetadata\xea\x02\fGpusched::V1b\x06proto3"
 
 var (
@@ -582,44 +1178,71 @@ func file_gpusched_v1_job_service_proto_rawDescGZIP() []byte {
 	return file_gpusched_v1_job_service_proto_rawDescData
 }
 
-var file_gpusched_v1_job_service_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_gpusched_v1_job_service_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_gpusched_v1_job_service_proto_goTypes = []any{
 	(*SubmitJobRequest)(nil),   // 0: gpusched.v1.SubmitJobRequest
 	(*SubmitJobResponse)(nil),  // 1: gpusched.v1.SubmitJobResponse
-	(*GetJobRequest)(nil),      // 2: gpusched.v1.GetJobRequest
-	(*GetJobResponse)(nil),     // 3: gpusched.v1.GetJobResponse
-	(*ListJobsRequest)(nil),    // 4: gpusched.v1.ListJobsRequest
-	(*ListJobsResponse)(nil),   // 5: gpusched.v1.ListJobsResponse
-	(*CancelJobRequest)(nil),   // 6: gpusched.v1.CancelJobRequest
-	(*CancelJobResponse)(nil),  // 7: gpusched.v1.CancelJobResponse
-	(*GetJobLogsRequest)(nil),  // 8: gpusched.v1.GetJobLogsRequest
-	(*GetJobLogsResponse)(nil), // 9: gpusched.v1.GetJobLogsResponse
-	(*JobSpec)(nil),            // 10: gpusched.v1.JobSpec
-	(*Job)(nil),                // 11: gpusched.v1.Job
-	(JobState)(0),              // 12: gpusched.v1.JobState
+	(*SubmitJobsRequest)(nil),  // 2: gpusched.v1.SubmitJobsRequest
+	(*SubmitJobsResponse)(nil), // 3: gpusched.v1.SubmitJobsResponse
+	(*SubmitJobsResult)(nil),   // 4: gpusched.v1.SubmitJobsResult
+	(*ItemError)(nil),          // 5: gpusched.v1.ItemError
+	(*ItemFieldViolation)(nil), // 6: gpusched.v1.ItemFieldViolation
+	(*GetJobRequest)(nil),      // 7: gpusched.v1.GetJobRequest
+	(*GetJobResponse)(nil),     // 8: gpusched.v1.GetJobResponse
+	(*JobSelector)(nil),        // 9: gpusched.v1.JobSelector
+	(*ListJobsRequest)(nil),    // 10: gpusched.v1.ListJobsRequest
+	(*ListJobsResponse)(nil),   // 11: gpusched.v1.ListJobsResponse
+	(*CancelJobRequest)(nil),   // 12: gpusched.v1.CancelJobRequest
+	(*CancelJobResponse)(nil),  // 13: gpusched.v1.CancelJobResponse
+	(*GetJobLogsRequest)(nil),  // 14: gpusched.v1.GetJobLogsRequest
+	(*GetJobLogsResponse)(nil), // 15: gpusched.v1.GetJobLogsResponse
+	(*WatchJobsRequest)(nil),   // 16: gpusched.v1.WatchJobsRequest
+	(*WatchJobsResponse)(nil),  // 17: gpusched.v1.WatchJobsResponse
+	(*JobEvent)(nil),           // 18: gpusched.v1.JobEvent
+	nil,                        // 19: gpusched.v1.JobSelector.LabelsEntry
+	(*JobSpec)(nil),            // 20: gpusched.v1.JobSpec
+	(*Job)(nil),                // 21: gpusched.v1.Job
+	(JobState)(0),              // 22: gpusched.v1.JobState
+	(*JobTransition)(nil),      // 23: gpusched.v1.JobTransition
 }
 var file_gpusched_v1_job_service_proto_depIdxs = []int32{
-	10, // 0: gpusched.v1.SubmitJobRequest.spec:type_name -> gpusched.v1.JobSpec
-	11, // 1: gpusched.v1.SubmitJobResponse.job:type_name -> gpusched.v1.Job
-	11, // 2: gpusched.v1.GetJobResponse.job:type_name -> gpusched.v1.Job
-	12, // 3: gpusched.v1.ListJobsRequest.states:type_name -> gpusched.v1.JobState
-	11, // 4: gpusched.v1.ListJobsResponse.jobs:type_name -> gpusched.v1.Job
-	11, // 5: gpusched.v1.CancelJobResponse.job:type_name -> gpusched.v1.Job
-	0,  // 6: gpusched.v1.JobService.SubmitJob:input_type -> gpusched.v1.SubmitJobRequest
-	2,  // 7: gpusched.v1.JobService.GetJob:input_type -> gpusched.v1.GetJobRequest
-	4,  // 8: gpusched.v1.JobService.ListJobs:input_type -> gpusched.v1.ListJobsRequest
-	6,  // 9: gpusched.v1.JobService.CancelJob:input_type -> gpusched.v1.CancelJobRequest
-	8,  // 10: gpusched.v1.JobService.GetJobLogs:input_type -> gpusched.v1.GetJobLogsRequest
-	1,  // 11: gpusched.v1.JobService.SubmitJob:output_type -> gpusched.v1.SubmitJobResponse
-	3,  // 12: gpusched.v1.JobService.GetJob:output_type -> gpusched.v1.GetJobResponse
-	5,  // 13: gpusched.v1.JobService.ListJobs:output_type -> gpusched.v1.ListJobsResponse
-	7,  // 14: gpusched.v1.JobService.CancelJob:output_type -> gpusched.v1.CancelJobResponse
-	9,  // 15: gpusched.v1.JobService.GetJobLogs:output_type -> gpusched.v1.GetJobLogsResponse
-	11, // [11:16] is the sub-list for method output_type
-	6,  // [6:11] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	20, // 0: gpusched.v1.SubmitJobRequest.spec:type_name -> gpusched.v1.JobSpec
+	21, // 1: gpusched.v1.SubmitJobResponse.job:type_name -> gpusched.v1.Job
+	0,  // 2: gpusched.v1.SubmitJobsRequest.items:type_name -> gpusched.v1.SubmitJobRequest
+	4,  // 3: gpusched.v1.SubmitJobsResponse.results:type_name -> gpusched.v1.SubmitJobsResult
+	21, // 4: gpusched.v1.SubmitJobsResult.job:type_name -> gpusched.v1.Job
+	5,  // 5: gpusched.v1.SubmitJobsResult.error:type_name -> gpusched.v1.ItemError
+	6,  // 6: gpusched.v1.ItemError.field_violations:type_name -> gpusched.v1.ItemFieldViolation
+	21, // 7: gpusched.v1.GetJobResponse.job:type_name -> gpusched.v1.Job
+	22, // 8: gpusched.v1.JobSelector.states:type_name -> gpusched.v1.JobState
+	19, // 9: gpusched.v1.JobSelector.labels:type_name -> gpusched.v1.JobSelector.LabelsEntry
+	22, // 10: gpusched.v1.ListJobsRequest.states:type_name -> gpusched.v1.JobState
+	9,  // 11: gpusched.v1.ListJobsRequest.selector:type_name -> gpusched.v1.JobSelector
+	21, // 12: gpusched.v1.ListJobsResponse.jobs:type_name -> gpusched.v1.Job
+	21, // 13: gpusched.v1.CancelJobResponse.job:type_name -> gpusched.v1.Job
+	9,  // 14: gpusched.v1.WatchJobsRequest.selector:type_name -> gpusched.v1.JobSelector
+	18, // 15: gpusched.v1.WatchJobsResponse.events:type_name -> gpusched.v1.JobEvent
+	23, // 16: gpusched.v1.JobEvent.transition:type_name -> gpusched.v1.JobTransition
+	21, // 17: gpusched.v1.JobEvent.job:type_name -> gpusched.v1.Job
+	0,  // 18: gpusched.v1.JobService.SubmitJob:input_type -> gpusched.v1.SubmitJobRequest
+	2,  // 19: gpusched.v1.JobService.SubmitJobs:input_type -> gpusched.v1.SubmitJobsRequest
+	7,  // 20: gpusched.v1.JobService.GetJob:input_type -> gpusched.v1.GetJobRequest
+	10, // 21: gpusched.v1.JobService.ListJobs:input_type -> gpusched.v1.ListJobsRequest
+	12, // 22: gpusched.v1.JobService.CancelJob:input_type -> gpusched.v1.CancelJobRequest
+	14, // 23: gpusched.v1.JobService.GetJobLogs:input_type -> gpusched.v1.GetJobLogsRequest
+	16, // 24: gpusched.v1.JobService.WatchJobs:input_type -> gpusched.v1.WatchJobsRequest
+	1,  // 25: gpusched.v1.JobService.SubmitJob:output_type -> gpusched.v1.SubmitJobResponse
+	3,  // 26: gpusched.v1.JobService.SubmitJobs:output_type -> gpusched.v1.SubmitJobsResponse
+	8,  // 27: gpusched.v1.JobService.GetJob:output_type -> gpusched.v1.GetJobResponse
+	11, // 28: gpusched.v1.JobService.ListJobs:output_type -> gpusched.v1.ListJobsResponse
+	13, // 29: gpusched.v1.JobService.CancelJob:output_type -> gpusched.v1.CancelJobResponse
+	15, // 30: gpusched.v1.JobService.GetJobLogs:output_type -> gpusched.v1.GetJobLogsResponse
+	17, // 31: gpusched.v1.JobService.WatchJobs:output_type -> gpusched.v1.WatchJobsResponse
+	25, // [25:32] is the sub-list for method output_type
+	18, // [18:25] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_job_service_proto_init() }
@@ -634,7 +1257,7 @@ func file_gpusched_v1_job_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_job_service_proto_rawDesc), len(file_gpusched_v1_job_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -20,10 +20,12 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	JobService_SubmitJob_FullMethodName  = "/gpusched.v1.JobService/SubmitJob"
+	JobService_SubmitJobs_FullMethodName = "/gpusched.v1.JobService/SubmitJobs"
 	JobService_GetJob_FullMethodName     = "/gpusched.v1.JobService/GetJob"
 	JobService_ListJobs_FullMethodName   = "/gpusched.v1.JobService/ListJobs"
 	JobService_CancelJob_FullMethodName  = "/gpusched.v1.JobService/CancelJob"
 	JobService_GetJobLogs_FullMethodName = "/gpusched.v1.JobService/GetJobLogs"
+	JobService_WatchJobs_FullMethodName  = "/gpusched.v1.JobService/WatchJobs"
 )
 
 // JobServiceClient is the client API for JobService service.
@@ -34,16 +36,30 @@ const (
 type JobServiceClient interface {
 	// SubmitJob validates and durably records a job; it is PENDING on return.
 	SubmitJob(ctx context.Context, in *SubmitJobRequest, opts ...grpc.CallOption) (*SubmitJobResponse, error)
+	// SubmitJobs submits up to 1,000 jobs in one call. Each item succeeds or
+	// fails on its own: valid items are recorded even when others are
+	// invalid, and results come back in request order.
+	SubmitJobs(ctx context.Context, in *SubmitJobsRequest, opts ...grpc.CallOption) (*SubmitJobsResponse, error)
 	// GetJob returns one job.
 	GetJob(ctx context.Context, in *GetJobRequest, opts ...grpc.CallOption) (*GetJobResponse, error)
-	// ListJobs returns jobs in ID order, optionally filtered by state.
+	// ListJobs returns jobs in ID order, a page at a time, optionally
+	// filtered by state, queue, tenant, labels and job set.
 	ListJobs(ctx context.Context, in *ListJobsRequest, opts ...grpc.CallOption) (*ListJobsResponse, error)
 	// CancelJob cancels a job that has not ended. Cancelling an ended job
 	// fails with FailedPrecondition.
 	CancelJob(ctx context.Context, in *CancelJobRequest, opts ...grpc.CallOption) (*CancelJobResponse, error)
 	// GetJobLogs streams the output of the job's last lease, node by node in
-	// rank order, fetched from the agents that ran it.
+	// rank order, fetched from the agents that ran it. With follow, it keeps
+	// streaming new output until the job ends.
 	GetJobLogs(ctx context.Context, in *GetJobLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetJobLogsResponse], error)
+	// WatchJobs streams every state change of the matching jobs, in commit
+	// order (so in order per job). Every response carries a cursor; a
+	// watch started again from it continues with the next change, with no
+	// gap and no repeat. When the history behind a cursor has been
+	// compacted away, the call fails with OUT_OF_RANGE and ErrorInfo reason
+	// CURSOR_COMPACTED: list the jobs again (ListJobs returns a cursor) and
+	// watch from there.
+	WatchJobs(ctx context.Context, in *WatchJobsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchJobsResponse], error)
 }
 
 type jobServiceClient struct {
@@ -58,6 +74,16 @@ func (c *jobServiceClient) SubmitJob(ctx context.Context, in *SubmitJobRequest, 
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SubmitJobResponse)
 	err := c.cc.Invoke(ctx, JobService_SubmitJob_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *jobServiceClient) SubmitJobs(ctx context.Context, in *SubmitJobsRequest, opts ...grpc.CallOption) (*SubmitJobsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SubmitJobsResponse)
+	err := c.cc.Invoke(ctx, JobService_SubmitJobs_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -113,6 +139,25 @@ func (c *jobServiceClient) GetJobLogs(ctx context.Context, in *GetJobLogsRequest
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type JobService_GetJobLogsClient = grpc.ServerStreamingClient[GetJobLogsResponse]
 
+func (c *jobServiceClient) WatchJobs(ctx context.Context, in *WatchJobsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchJobsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &JobService_ServiceDesc.Streams[1], JobService_WatchJobs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchJobsRequest, WatchJobsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type JobService_WatchJobsClient = grpc.ServerStreamingClient[WatchJobsResponse]
+
 // JobServiceServer is the server API for JobService service.
 // All implementations must embed UnimplementedJobServiceServer
 // for forward compatibility.
@@ -121,16 +166,30 @@ type JobService_GetJobLogsClient = grpc.ServerStreamingClient[GetJobLogsResponse
 type JobServiceServer interface {
 	// SubmitJob validates and durably records a job; it is PENDING on return.
 	SubmitJob(context.Context, *SubmitJobRequest) (*SubmitJobResponse, error)
+	// SubmitJobs submits up to 1,000 jobs in one call. Each item succeeds or
+	// fails on its own: valid items are recorded even when others are
+	// invalid, and results come back in request order.
+	SubmitJobs(context.Context, *SubmitJobsRequest) (*SubmitJobsResponse, error)
 	// GetJob returns one job.
 	GetJob(context.Context, *GetJobRequest) (*GetJobResponse, error)
-	// ListJobs returns jobs in ID order, optionally filtered by state.
+	// ListJobs returns jobs in ID order, a page at a time, optionally
+	// filtered by state, queue, tenant, labels and job set.
 	ListJobs(context.Context, *ListJobsRequest) (*ListJobsResponse, error)
 	// CancelJob cancels a job that has not ended. Cancelling an ended job
 	// fails with FailedPrecondition.
 	CancelJob(context.Context, *CancelJobRequest) (*CancelJobResponse, error)
 	// GetJobLogs streams the output of the job's last lease, node by node in
-	// rank order, fetched from the agents that ran it.
+	// rank order, fetched from the agents that ran it. With follow, it keeps
+	// streaming new output until the job ends.
 	GetJobLogs(*GetJobLogsRequest, grpc.ServerStreamingServer[GetJobLogsResponse]) error
+	// WatchJobs streams every state change of the matching jobs, in commit
+	// order (so in order per job). Every response carries a cursor; a
+	// watch started again from it continues with the next change, with no
+	// gap and no repeat. When the history behind a cursor has been
+	// compacted away, the call fails with OUT_OF_RANGE and ErrorInfo reason
+	// CURSOR_COMPACTED: list the jobs again (ListJobs returns a cursor) and
+	// watch from there.
+	WatchJobs(*WatchJobsRequest, grpc.ServerStreamingServer[WatchJobsResponse]) error
 	mustEmbedUnimplementedJobServiceServer()
 }
 
@@ -144,6 +203,9 @@ type UnimplementedJobServiceServer struct{}
 func (UnimplementedJobServiceServer) SubmitJob(context.Context, *SubmitJobRequest) (*SubmitJobResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SubmitJob not implemented")
 }
+func (UnimplementedJobServiceServer) SubmitJobs(context.Context, *SubmitJobsRequest) (*SubmitJobsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SubmitJobs not implemented")
+}
 func (UnimplementedJobServiceServer) GetJob(context.Context, *GetJobRequest) (*GetJobResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetJob not implemented")
 }
@@ -155,6 +217,9 @@ func (UnimplementedJobServiceServer) CancelJob(context.Context, *CancelJobReques
 }
 func (UnimplementedJobServiceServer) GetJobLogs(*GetJobLogsRequest, grpc.ServerStreamingServer[GetJobLogsResponse]) error {
 	return status.Error(codes.Unimplemented, "method GetJobLogs not implemented")
+}
+func (UnimplementedJobServiceServer) WatchJobs(*WatchJobsRequest, grpc.ServerStreamingServer[WatchJobsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchJobs not implemented")
 }
 func (UnimplementedJobServiceServer) mustEmbedUnimplementedJobServiceServer() {}
 func (UnimplementedJobServiceServer) testEmbeddedByValue()                    {}
@@ -191,6 +256,24 @@ func _JobService_SubmitJob_Handler(srv interface{}, ctx context.Context, dec fun
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(JobServiceServer).SubmitJob(ctx, req.(*SubmitJobRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _JobService_SubmitJobs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SubmitJobsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(JobServiceServer).SubmitJobs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: JobService_SubmitJobs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(JobServiceServer).SubmitJobs(ctx, req.(*SubmitJobsRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -260,6 +343,17 @@ func _JobService_GetJobLogs_Handler(srv interface{}, stream grpc.ServerStream) e
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type JobService_GetJobLogsServer = grpc.ServerStreamingServer[GetJobLogsResponse]
 
+func _JobService_WatchJobs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchJobsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(JobServiceServer).WatchJobs(m, &grpc.GenericServerStream[WatchJobsRequest, WatchJobsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type JobService_WatchJobsServer = grpc.ServerStreamingServer[WatchJobsResponse]
+
 // JobService_ServiceDesc is the grpc.ServiceDesc for JobService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -270,6 +364,10 @@ var JobService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SubmitJob",
 			Handler:    _JobService_SubmitJob_Handler,
+		},
+		{
+			MethodName: "SubmitJobs",
+			Handler:    _JobService_SubmitJobs_Handler,
 		},
 		{
 			MethodName: "GetJob",
@@ -288,6 +386,11 @@ var JobService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "GetJobLogs",
 			Handler:       _JobService_GetJobLogs_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchJobs",
+			Handler:       _JobService_WatchJobs_Handler,
 			ServerStreams: true,
 		},
 	},
