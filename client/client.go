@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -11,7 +12,9 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 )
@@ -27,7 +30,14 @@ type Config struct {
 	// AttemptTimeout bounds one try at one endpoint when there are several,
 	// so a replica that froze is left for the next. Default 5s.
 	AttemptTimeout time.Duration
-	// DialOptions are added to every connection (TLS arrives here later).
+	// Token, when set, is sent with every call as "authorization: Bearer
+	// <token>" (tenant tokens; the scheduler checks them once
+	// authentication is enabled).
+	Token string
+	// TLS, when set, secures the connections; nil means plaintext, for
+	// loopback and trusted networks.
+	TLS *tls.Config
+	// DialOptions are added to every connection.
 	DialOptions []grpc.DialOption
 }
 
@@ -59,7 +69,15 @@ func New(_ context.Context, cfg Config) (*Client, error) {
 		cfg.AttemptTimeout = 5 * time.Second
 	}
 	c := &Client{cfg: cfg, conns: make([]*grpc.ClientConn, len(eps))}
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, cfg.DialOptions...)
+	creds := insecure.NewCredentials()
+	if cfg.TLS != nil {
+		creds = credentials.NewTLS(cfg.TLS)
+	}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	if cfg.Token != "" {
+		opts = append(opts, grpc.WithChainUnaryInterceptor(tokenUnary(cfg.Token)), grpc.WithChainStreamInterceptor(tokenStream(cfg.Token)))
+	}
+	opts = append(opts, cfg.DialOptions...)
 	for i, ep := range eps {
 		conn, err := grpc.NewClient(ep, opts...)
 		if err != nil {
@@ -97,7 +115,8 @@ func (c *Client) stream(ctx context.Context, fn func(ctx context.Context, conn *
 }
 
 func (c *Client) invoke(ctx context.Context, attempt time.Duration, fn func(ctx context.Context, conn *grpc.ClientConn) error) error {
-	if _, ok := ctx.Deadline(); !ok {
+	// Unary calls get CallTimeout; a stream lasts as long as its ctx.
+	if _, ok := ctx.Deadline(); !ok && attempt > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.cfg.CallTimeout)
 		defer cancel()
@@ -239,25 +258,32 @@ func (c *Client) Wait(ctx context.Context, id string) (*pb.Job, error) {
 }
 
 // Logs streams a job's output; fn gets each chunk with its node and rank.
-func (c *Client) Logs(ctx context.Context, id string, fn func(*pb.GetJobLogsResponse) error) error {
+// With follow, it keeps streaming new output until the job ends.
+func (c *Client) Logs(ctx context.Context, id string, follow bool, fn func(*pb.GetJobLogsResponse) error) error {
 	return c.stream(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
-		stream, err := pb.NewJobServiceClient(conn).GetJobLogs(ctx, &pb.GetJobLogsRequest{Id: id})
+		stream, err := pb.NewJobServiceClient(conn).GetJobLogs(ctx, &pb.GetJobLogsRequest{Id: id, Follow: follow})
 		if err != nil {
 			return err
 		}
-		for {
-			chunk, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			if err := fn(chunk); err != nil {
-				return err
-			}
-		}
+		return recvAll(stream, fn)
 	})
+}
+
+// recvAll feeds every message of a server stream to fn until the stream
+// ends (nil) or fails.
+func recvAll[T any](stream grpc.ServerStreamingClient[T], fn func(*T) error) error {
+	for {
+		m, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := fn(m); err != nil {
+			return err
+		}
+	}
 }
 
 // Nodes lists the cluster's nodes.
@@ -320,18 +346,7 @@ func (c *Client) WatchTelemetry(ctx context.Context, req *pb.WatchTelemetryReque
 		if err != nil {
 			return err
 		}
-		for {
-			r, err := stream.Recv()
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			if err := fn(r); err != nil {
-				return err
-			}
-		}
+		return recvAll(stream, fn)
 	})
 }
 
@@ -389,4 +404,20 @@ func (c *Client) QueueService(ctx context.Context, fn func(ctx context.Context, 
 	return c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
 		return fn(ctx, pb.NewQueueServiceClient(conn))
 	})
+}
+
+// tokenUnary and tokenStream attach the bearer token to every call. They
+// are interceptors rather than per-RPC credentials so that a token also
+// travels over plaintext loopback connections (gRPC refuses per-RPC
+// credentials without transport security).
+func tokenUnary(token string) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		return invoker(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token), method, req, reply, cc, opts...)
+	}
+}
+
+func tokenStream(token string) grpc.StreamClientInterceptor {
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		return streamer(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token), desc, cc, method, opts...)
+	}
 }

@@ -14,15 +14,32 @@ import (
 var (
 	ErrInvalid            = errors.New("gpusched: invalid request")
 	ErrNotFound           = errors.New("gpusched: not found")
+	ErrAlreadyExists      = errors.New("gpusched: already exists")
 	ErrFailedPrecondition = errors.New("gpusched: failed precondition")
-	ErrUnavailable        = errors.New("gpusched: unavailable")
+	// ErrQuotaExceeded: a limit refused the request (ResourceExhausted).
+	ErrQuotaExceeded = errors.New("gpusched: quota exceeded")
+	// ErrPermissionDenied and ErrUnauthenticated come from the scheduler's
+	// authentication and access control.
+	ErrPermissionDenied = errors.New("gpusched: permission denied")
+	ErrUnauthenticated  = errors.New("gpusched: unauthenticated")
+	ErrUnavailable      = errors.New("gpusched: unavailable")
+	ErrInternal         = errors.New("gpusched: internal error")
+	// ErrCursorCompacted: a watch cursor points into history the cluster
+	// no longer keeps; list again and watch from the list's cursor
+	// (ListAndWatch does it for you).
+	ErrCursorCompacted = errors.New("gpusched: watch cursor compacted")
 )
 
 var codeSentinels = map[codes.Code]error{
 	codes.InvalidArgument:    ErrInvalid,
 	codes.NotFound:           ErrNotFound,
+	codes.AlreadyExists:      ErrAlreadyExists,
 	codes.FailedPrecondition: ErrFailedPrecondition,
+	codes.ResourceExhausted:  ErrQuotaExceeded,
+	codes.PermissionDenied:   ErrPermissionDenied,
+	codes.Unauthenticated:    ErrUnauthenticated,
 	codes.Unavailable:        ErrUnavailable,
+	codes.Internal:           ErrInternal,
 }
 
 // FieldViolation is one invalid field of a rejected request.
@@ -40,6 +57,8 @@ type Error struct {
 	// NoLeader: a replica answered that the cluster is between leaders;
 	// the call is worth retrying.
 	NoLeader bool
+	// CursorCompacted: a watch cursor is too old (see ErrCursorCompacted).
+	CursorCompacted bool
 }
 
 // Error returns the server's message.
@@ -47,6 +66,9 @@ func (e *Error) Error() string { return e.Message }
 
 // Is matches the sentinel for e's code.
 func (e *Error) Is(target error) bool {
+	if target == ErrCursorCompacted {
+		return e.CursorCompacted
+	}
 	s, ok := codeSentinels[e.Code]
 	return ok && s == target
 }
@@ -71,6 +93,7 @@ func fromStatus(err error) error {
 			// Mirrors scheduler/api's ReasonNoLeader (the SDK imports no
 			// scheduler code).
 			e.NoLeader = d.GetReason() == "NO_LEADER" && d.GetDomain() == "gpusched.io"
+			e.CursorCompacted = d.GetReason() == "CURSOR_COMPACTED" && d.GetDomain() == "gpusched.io"
 		}
 	}
 	if e.Code == codes.Unavailable && !strings.Contains(e.Message, "unavailable") {

@@ -1,6 +1,7 @@
 package nodeagent
 
 import (
+	"math"
 	"context"
 	"errors"
 	"fmt"
@@ -423,6 +424,12 @@ func (a *Agent) sendLogs(ctx context.Context, req *pb.FetchLogs) {
 		return
 	}
 	defer f.Close()
+	if off := req.GetOffset(); off > 0 {
+		if _, err := f.Seek(int64(min(off, math.MaxInt64)), io.SeekStart); err != nil {
+			send(&pb.LogChunk{RequestId: rid, Eof: true, Error: err.Error()})
+			return
+		}
+	}
 	buf := make([]byte, logChunkSize)
 	for ctx.Err() == nil {
 		n, err := f.Read(buf)

@@ -91,7 +91,7 @@ func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	defer s.peers.close()
 	srv := grpc.NewServer(api.ServerOptions(s.log)...)
-	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.leaderAddr, Status: s.Status, Telemetry: s.telemetry})
+	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.leaderAddr, Status: s.Status, Telemetry: s.telemetry, Store: s.store})
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	serveErr := make(chan error, 1)

@@ -15,22 +15,24 @@ import (
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 )
 
-// dial builds a client from --server, else GPUSCHED_SERVER, else the
-// config file.
+// dial builds a client from --server/--token, else GPUSCHED_SERVER and
+// GPUSCHED_TOKEN, else the config file.
 func dial(cmd *cobra.Command) (*client.Client, error) {
-	flag, _ := cmd.Flags().GetString("server")
-	server := resolve(flag, os.Getenv("GPUSCHED_SERVER"), "")
-	if server == "" {
+	serverFlag, _ := cmd.Flags().GetString("server")
+	tokenFlag, _ := cmd.Flags().GetString("token")
+	server := resolve(serverFlag, os.Getenv("GPUSCHED_SERVER"), "")
+	token := resolve(tokenFlag, os.Getenv("GPUSCHED_TOKEN"), "")
+	if server == "" || token == "" {
 		fc, err := loadFileConfig()
 		if err != nil {
 			return nil, err
 		}
-		server = fc.Server
+		server, token = resolve(server, "", fc.Server), resolve(token, "", fc.Token)
 	}
 	if server == "" {
 		return nil, usageError("no scheduler endpoint: pass --server, set GPUSCHED_SERVER (gpusched dev prints it) or put server: in %s", configPath())
 	}
-	return client.New(cmd.Context(), client.Config{Endpoints: strings.Split(server, ",")})
+	return client.New(cmd.Context(), client.Config{Endpoints: strings.Split(server, ","), Token: token})
 }
 
 // signalContext ends on SIGINT/SIGTERM so long waits stop cleanly.
@@ -55,6 +57,7 @@ func newSubmitCmd() *cobra.Command {
 		maxRetries int32
 		minMemory  string
 		selector   []string
+		labels     []string
 		idemKey    string
 	)
 	cmd := &cobra.Command{
@@ -69,7 +72,8 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 		Example: `  id=$(gpusched submit --nodes 2 --gpu-model H100 -- sh -c 'echo rank=$GPUSCHED_NODE_RANK')
   gpusched submit --gpu-model A100 --time-limit 30m --name train -- python train.py
   gpusched submit --env EPOCHS=3 -- ./run.sh
-  gpusched submit --nodes 4 --gpu-model H100 --topology same-rack --selector pool=prod -- ./train.sh`,
+  gpusched submit --nodes 4 --gpu-model H100 --topology same-rack --selector pool=prod -- ./train.sh
+  gpusched submit --job-set sweep-7 --label lr=3e-4 --idempotency-key sweep-7/lr-3e-4 -- ./train.sh`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if cmd.ArgsLenAtDash() != 0 && len(args) > 0 {
 				return usageError("put the command after --, e.g. gpusched submit --nodes 2 -- sh -c 'hostname'")
@@ -91,6 +95,13 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 					return err
 				}
 				spec.Selector = sel
+			}
+			if len(labels) > 0 {
+				l, err := parseLabels("--label", labels)
+				if err != nil {
+					return err
+				}
+				spec.Labels = l
 			}
 			if timeLimit != 0 {
 				spec.TimeLimit = durationProto(timeLimit)
@@ -134,6 +145,8 @@ GPUSCHED_NUM_NODES, GPUSCHED_NODES, GPUSCHED_MASTER_ADDR and CUDA_VISIBLE_DEVICE
 	f.StringSliceVar(&selector, "selector", nil, "node labels every node must have, k=v[,k=v...]")
 	f.StringVar(&spec.Topology, "topology", "", "keep the gang in one domain: same-rack or same-switch (the job waits otherwise)")
 	f.StringVar(&spec.PreferTopology, "prefer-topology", "", "like --topology, but span domains when no single one fits")
+	f.StringSliceVar(&labels, "label", nil, "labels of the job, k=v[,k=v...] (list and watch filter on them)")
+	f.StringVar(&spec.JobSet, "job-set", "", "job set the job belongs to (a workflow run or sweep), listed and watched together")
 	return cmd
 }
 
@@ -211,12 +224,15 @@ func newCancelCmd() *cobra.Command {
 }
 
 func newLogsCmd() *cobra.Command {
-	return &cobra.Command{
+	var follow bool
+	cmd := &cobra.Command{
 		Use:   "logs JOB_ID",
 		Short: "Print a job's output from every node, each line prefixed by its node",
 		Long: `Print the combined stdout and stderr of the job's last lease, fetched from
-the nodes that ran it, in rank order. Each line is prefixed by "NODE| ".`,
+the nodes that ran it, in rank order. Each line is prefixed by "NODE| ".
+With -f, keep printing new output until the job ends.`,
 		Example: `  gpusched logs 42
+  gpusched logs -f 42
   gpusched logs 42 | grep rank=0`,
 		Args: exactArgs(1, "one job ID"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -225,14 +241,21 @@ the nodes that ran it, in rank order. Each line is prefixed by "NODE| ".`,
 				return err
 			}
 			defer c.Close()
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
 			p := &linePrefixer{w: cmd.OutOrStdout()}
-			err = c.Logs(cmd.Context(), args[0], func(chunk *pb.GetJobLogsResponse) error {
+			err = c.Logs(ctx, args[0], follow, func(chunk *pb.GetJobLogsResponse) error {
 				return p.write(chunk.GetNode(), chunk.GetData())
 			})
 			if ferr := p.flush(); err == nil {
 				err = ferr
 			}
+			if ctx.Err() != nil && cmd.Context().Err() == nil {
+				return nil // interrupted while following
+			}
 			return err
 		},
 	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output until the job ends")
+	return cmd
 }

@@ -84,6 +84,7 @@ replicas).`,
 		return &codedError{code: exitUsage, err: fmt.Errorf("%w (see '%s --help')", err, c.CommandPath())}
 	})
 	root.PersistentFlags().String("server", "", "scheduler endpoint(s), host:port[,host:port...] (env GPUSCHED_SERVER)")
+	root.PersistentFlags().String("token", "", "tenant token sent with every call (env GPUSCHED_TOKEN)")
 	root.AddCommand(
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
 		newEtcdCmd(),

@@ -8,8 +8,10 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/gpusched/gpusched/client"
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 )
 
@@ -17,13 +19,23 @@ func newJobsCmd() *cobra.Command {
 	var (
 		output string
 		states []string
+		labels []string
+		sel    pb.JobSelector
+		follow bool
 	)
 	cmd := &cobra.Command{
 		Use:     "jobs [JOB_ID]",
 		Aliases: []string{"job"},
-		Short:   "List jobs, or show one job in detail",
+		Short:   "List jobs, or show one job in detail; --watch follows their changes",
+		Long: `List jobs (all pages), filtered by state, queue, tenant, labels and job set,
+or show one job in detail. With --watch, list and then print every state change
+of the matching jobs as it is committed, one line each (with -o json: one JSON
+object per line), until interrupted. Nothing is missed or repeated across
+scheduler failovers.`,
 		Example: `  gpusched jobs
   gpusched jobs --state pending,running
+  gpusched jobs --job-set sweep-7 --label team=vision
+  gpusched jobs --watch --job-set sweep-7
   gpusched jobs 42
   gpusched jobs 42 -o json`,
 		Args: readArgs(&output, "job ID"),
@@ -35,69 +47,126 @@ func newJobsCmd() *cobra.Command {
 			defer c.Close()
 			w := cmd.OutOrStdout()
 			if len(args) == 1 {
-				job, err := c.Get(cmd.Context(), args[0])
-				if err != nil {
-					return err
-				}
-				return printOne(w, output, job, job.GetId(), describeJob)
-			}
-			req := &pb.ListJobsRequest{}
-			for _, s := range splitList(states) {
-				v, ok := pb.JobState_value["JOB_STATE_"+strings.ToUpper(s)]
-				if !ok || v == 0 {
-					return usageError("--state: unknown job state %q", s)
-				}
-				req.States = append(req.States, pb.JobState(v))
-			}
-			all := &pb.ListJobsResponse{}
-			for {
-				resp, err := c.List(cmd.Context(), req)
-				if err != nil {
-					return err
-				}
-				all.Jobs = append(all.Jobs, resp.GetJobs()...)
-				if resp.GetNextPageToken() == "" {
-					break
-				}
-				req.PageToken = resp.GetNextPageToken()
-			}
-			switch {
-			case structured(output):
-				return printProto(w, output, all)
-			case output == "name":
-				for _, j := range all.GetJobs() {
-					if err := printNames(w, j.GetId()); err != nil {
+				if follow {
+					sel.Ids = args
+				} else {
+					job, err := c.Get(cmd.Context(), args[0])
+					if err != nil {
 						return err
 					}
+					return printOne(w, output, job, job.GetId(), describeJob)
 				}
-				return nil
 			}
-			now := time.Now()
-			wide := output == "wide"
-			header := []string{"ID", "NAME", "TENANT", "STATE", "NODES", "GPU", "AGE"}
-			if wide {
-				header = append(header, "QUEUE", "PRIORITY", "LEASE", "ATTEMPTS")
-			}
-			t := newTable(w, append(header, "NODELIST/REASON")...)
-			for _, j := range all.GetJobs() {
-				s := j.GetSpec()
-				detail := j.GetReason()
-				if len(j.GetNodes()) > 0 && (j.GetState() == pb.JobState_JOB_STATE_SCHEDULED || j.GetState() == pb.JobState_JOB_STATE_RUNNING || detail == "") {
-					detail = strings.Join(j.GetNodes(), ",")
+			for _, st := range splitList(states) {
+				v, ok := pb.JobState_value["JOB_STATE_"+strings.ToUpper(st)]
+				if !ok || v == 0 {
+					return usageError("--state: unknown job state %q", st)
 				}
-				row := []string{j.GetId(), orDash(s.GetName()), s.GetTenant(), stateName(j.GetState()), fmt.Sprint(s.GetNodes()),
-					orDash(s.GetGpuModel()), age(j.GetCreateTime(), now)}
-				if wide {
-					row = append(row, orDash(s.GetQueue()), fmt.Sprint(s.GetPriority()), orDash(j.GetLeaseId()), fmt.Sprint(j.GetAttempts()))
-				}
-				t.row(append(row, orDash(detail))...)
+				sel.States = append(sel.States, pb.JobState(v))
 			}
-			return t.flush()
+			if len(labels) > 0 {
+				if sel.Labels, err = parseLabels("--label", labels); err != nil {
+					return err
+				}
+			}
+			if follow {
+				return watchJobs(cmd, c, &sel, output)
+			}
+			jobs, _, err := c.ListAll(cmd.Context(), &sel)
+			if err != nil {
+				return err
+			}
+			return printJobs(w, output, jobs)
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
-	cmd.Flags().StringSliceVar(&states, "state", nil, "only jobs in these states (pending, running, succeeded, ...)")
+	f := cmd.Flags()
+	f.StringVarP(&output, "output", "o", "table", "output format: table, wide, json, yaml or name")
+	f.StringSliceVar(&states, "state", nil, "only jobs in these states (pending, running, succeeded, ...)")
+	f.StringSliceVar(&sel.Queues, "queue", nil, "only jobs in these queues")
+	f.StringSliceVar(&sel.Tenants, "tenant", nil, "only jobs of these tenants")
+	f.StringSliceVar(&labels, "label", nil, "only jobs with these labels, k=v[,k=v...]")
+	f.StringVar(&sel.JobSet, "job-set", "", "only jobs of this job set")
+	f.BoolVarP(&follow, "watch", "w", false, "after listing, print every state change as it happens (until interrupted)")
 	return cmd
+}
+
+// printJobs renders a job list.
+func printJobs(w io.Writer, output string, jobs []*pb.Job) error {
+	switch {
+	case structured(output):
+		return printProto(w, output, &pb.ListJobsResponse{Jobs: jobs})
+	case output == "name":
+		for _, j := range jobs {
+			if err := printNames(w, j.GetId()); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	now := time.Now()
+	wide := output == "wide"
+	header := []string{"ID", "NAME", "TENANT", "STATE", "NODES", "GPU", "AGE"}
+	if wide {
+		header = append(header, "QUEUE", "PRIORITY", "JOB SET", "LEASE", "ATTEMPTS")
+	}
+	t := newTable(w, append(header, "NODELIST/REASON")...)
+	for _, j := range jobs {
+		s := j.GetSpec()
+		detail := j.GetReason()
+		if len(j.GetNodes()) > 0 && (j.GetState() == pb.JobState_JOB_STATE_SCHEDULED || j.GetState() == pb.JobState_JOB_STATE_RUNNING || detail == "") {
+			detail = strings.Join(j.GetNodes(), ",")
+		}
+		row := []string{j.GetId(), orDash(s.GetName()), s.GetTenant(), stateName(j.GetState()), fmt.Sprint(s.GetNodes()),
+			orDash(s.GetGpuModel()), age(j.GetCreateTime(), now)}
+		if wide {
+			row = append(row, orDash(s.GetQueue()), fmt.Sprint(s.GetPriority()), orDash(s.GetJobSet()), orDash(j.GetLeaseId()), fmt.Sprint(j.GetAttempts()))
+		}
+		t.row(append(row, orDash(detail))...)
+	}
+	return t.flush()
+}
+
+// watchJobs lists, then prints each later state change: a line per change
+// for humans, one JSON object per line for -o json, the job ID for -o name.
+func watchJobs(cmd *cobra.Command, c *client.Client, sel *pb.JobSelector, output string) error {
+	if output == "yaml" {
+		return usageError("--watch prints table, wide, json (one object per line) or name")
+	}
+	ctx, stop := signalContext(cmd.Context())
+	defer stop()
+	w := cmd.OutOrStdout()
+	err := c.ListAndWatch(ctx, sel, func(jobs []*pb.Job) error {
+		if output == "json" || output == "name" {
+			return nil // a stream of changes only
+		}
+		return printJobs(w, output, jobs)
+	}, func(ev *pb.JobEvent) error {
+		switch output {
+		case "json":
+			b, err := protojson.Marshal(ev)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(w, "%s\n", b)
+			return err
+		case "name":
+			return printNames(w, ev.GetJobId())
+		}
+		tr := ev.GetTransition()
+		line := fmt.Sprintf("%s  %s  %s", tr.GetTime().AsTime().Local().Format("15:04:05.000"), ev.GetJobId(), stateName(tr.GetState()))
+		if nodes := ev.GetJob().GetNodes(); tr.GetState() == pb.JobState_JOB_STATE_SCHEDULED && len(nodes) > 0 {
+			line += "  " + strings.Join(nodes, ",")
+		}
+		if r := tr.GetReason(); r != "" {
+			line += "  " + r
+		}
+		_, err := fmt.Fprintln(w, line)
+		return err
+	})
+	if ctx.Err() != nil && cmd.Context().Err() == nil {
+		return nil // interrupted: the normal end of a watch
+	}
+	return err
 }
 
 // readArgs validates the arguments of a read command: at most one name,
@@ -191,9 +260,31 @@ func describeJob(w io.Writer, j *pb.Job) error {
 			t.row(label, k+"="+s.GetEnv()[k])
 		}
 	}
+	if js := s.GetJobSet(); js != "" {
+		t.row("Job set:", js)
+	}
+	if len(s.GetLabels()) > 0 {
+		keys := make([]string, 0, len(s.GetLabels()))
+		for k, v := range s.GetLabels() {
+			keys = append(keys, k+"="+v)
+		}
+		sort.Strings(keys)
+		t.row("Labels:", strings.Join(keys, ","))
+	}
 	t.row("Lease:", orDash(j.GetLeaseId()))
 	t.row("Nodes:", orDash(strings.Join(j.GetNodes(), ",")))
 	t.row("Attempts:", fmt.Sprint(j.GetAttempts()))
+	for i, tr := range j.GetTransitions() {
+		label := ""
+		if i == 0 {
+			label = "History:"
+		}
+		line := tr.GetTime().AsTime().Local().Format(time.RFC3339) + "  " + stateName(tr.GetState())
+		if tr.GetReason() != "" {
+			line += "  " + tr.GetReason()
+		}
+		t.row(label, line)
+	}
 	for _, ts := range []struct {
 		label string
 		v     interface{ AsTime() time.Time }

@@ -86,7 +86,7 @@ func check(t *testing.T, cli *clientv3.Client, accepted ...string) *Report {
 
 func commit(t *testing.T, s *store.Store, f store.Fence, changes ...store.Change) {
 	t.Helper()
-	if err := s.Commit(context.Background(), f, changes, 0); err != nil {
+	if _, err := s.Commit(context.Background(), f, changes, 0); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/model"
 )
@@ -37,7 +38,43 @@ const (
 	// ReasonNoLeader: this replica cannot serve the call now because no
 	// leader is reachable (an election or a leader's start-up is under way).
 	ReasonNoLeader = "NO_LEADER"
+	// ReasonCursorCompacted: a watch cursor points into history that has
+	// been compacted away (code OutOfRange); list again and watch from the
+	// list's cursor.
+	ReasonCursorCompacted = "CURSOR_COMPACTED"
 )
+
+// codeOf maps an error through errorCodes; unknown errors are Internal.
+func codeOf(err error) codes.Code {
+	for _, e := range errorCodes {
+		if errors.Is(err, e.err) {
+			return e.code
+		}
+	}
+	return codes.Internal
+}
+
+// compactedStatus is the distinct error for a compacted watch cursor.
+func compactedStatus(err error) error {
+	st := status.New(codes.OutOfRange, "watch cursor expired: "+err.Error()+"; list the jobs again and watch from the list's cursor")
+	if withInfo, derr := st.WithDetails(&errdetails.ErrorInfo{Reason: ReasonCursorCompacted, Domain: ErrorDomain}); derr == nil {
+		st = withInfo
+	}
+	return st.Err()
+}
+
+// itemError renders the failure of one item of a batch the way toStatus
+// would render it for a call of its own.
+func itemError(err error) *pb.ItemError {
+	out := &pb.ItemError{Code: int32(codeOf(err)), Message: err.Error()}
+	var verr *model.ValidationError
+	if errors.As(err, &verr) {
+		for _, v := range verr.Violations {
+			out.FieldViolations = append(out.FieldViolations, &pb.ItemFieldViolation{Field: v.Field, Description: v.Description})
+		}
+	}
+	return out
+}
 
 // toStatus converts an error to a gRPC status error. Validation errors carry
 // a BadRequest detail with one FieldViolation per bad field.
@@ -48,14 +85,7 @@ func toStatus(err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
-	code := codes.Internal
-	for _, e := range errorCodes {
-		if errors.Is(err, e.err) {
-			code = e.code
-			break
-		}
-	}
-	st := status.New(code, err.Error())
+	st := status.New(codeOf(err), err.Error())
 	if errors.Is(err, model.ErrNotLeader) || errors.Is(err, model.ErrStopped) {
 		// Tells clients the cluster is alive but between leaders, so they
 		// retry rather than give up.

@@ -14,6 +14,7 @@ import (
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/store"
 	"github.com/gpusched/gpusched/scheduler/telemetry"
 	"github.com/gpusched/gpusched/scheduler/wire"
 )
@@ -37,6 +38,9 @@ type Backend struct {
 	// Telemetry is the replica's telemetry hub (TelemetryService). Nil:
 	// the service is not registered.
 	Telemetry *telemetry.Hub
+	// Store serves WatchJobs straight from etcd, on any replica. Nil:
+	// WatchJobs answers Unimplemented.
+	Store *store.Store
 }
 
 // Register adds every public service to srv.
@@ -127,21 +131,55 @@ func (s *jobServer) GetJob(ctx context.Context, req *pb.GetJobRequest) (*pb.GetJ
 	})
 }
 
+func (s *jobServer) SubmitJobs(ctx context.Context, req *pb.SubmitJobsRequest) (*pb.SubmitJobsResponse, error) {
+	if err := model.ValidateBatchSize(len(req.GetItems())); err != nil {
+		return nil, toStatus(err)
+	}
+	return call(ctx, s.b, func(eng *engine.Engine) (*pb.SubmitJobsResponse, error) {
+		items := make([]engine.SubmitItem, len(req.GetItems()))
+		for i, it := range req.GetItems() {
+			items[i] = engine.SubmitItem{Spec: wire.JobSpecFromProto(it.GetSpec()), IdempotencyKey: it.GetIdempotencyKey()}
+			if it.GetSpec() == nil {
+				items[i].Spec = model.JobSpec{} // fails validation with field paths
+			}
+		}
+		results, err := eng.SubmitBatch(ctx, items)
+		if err != nil {
+			return nil, err
+		}
+		resp := &pb.SubmitJobsResponse{Results: make([]*pb.SubmitJobsResult, len(results))}
+		for i, r := range results {
+			if r.Err != nil {
+				resp.Results[i] = &pb.SubmitJobsResult{Error: itemError(r.Err)}
+				continue
+			}
+			resp.Results[i] = &pb.SubmitJobsResult{Job: wire.JobToProto(r.Job)}
+		}
+		return resp, nil
+	}, func(ctx context.Context, conn *grpc.ClientConn) (*pb.SubmitJobsResponse, error) {
+		return pb.NewJobServiceClient(conn).SubmitJobs(ctx, req)
+	})
+}
+
 func (s *jobServer) ListJobs(ctx context.Context, req *pb.ListJobsRequest) (*pb.ListJobsResponse, error) {
-	f := engine.JobFilter{PageSize: int(req.GetPageSize()), PageToken: req.GetPageToken()}
+	sel, err := selectorFromProto(req.GetSelector())
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	for i, st := range req.GetStates() {
 		if _, ok := pb.JobState_name[int32(st)]; !ok || st == pb.JobState_JOB_STATE_UNSPECIFIED {
 			return nil, toStatus(&model.ValidationError{Violations: []model.FieldViolation{{Field: fieldIndex("states", i), Description: "unknown job state"}}})
 		}
-		f.States = append(f.States, model.JobState(st))
+		sel.States = append(sel.States, model.JobState(st))
 	}
+	f := engine.JobFilter{Selector: sel, PageSize: int(req.GetPageSize()), PageToken: req.GetPageToken()}
 	return call(ctx, s.b, func(eng *engine.Engine) (*pb.ListJobsResponse, error) {
-		jobs, next, err := eng.ListJobs(f)
+		page, err := eng.ListJobs(f)
 		if err != nil {
 			return nil, err
 		}
-		resp := &pb.ListJobsResponse{NextPageToken: next, Jobs: make([]*pb.Job, len(jobs))}
-		for i, j := range jobs {
+		resp := &pb.ListJobsResponse{NextPageToken: page.NextPageToken, Cursor: formatCursor(page.Revision), Jobs: make([]*pb.Job, len(page.Jobs))}
+		for i, j := range page.Jobs {
 			resp.Jobs[i] = wire.JobToProto(j)
 		}
 		return resp, nil
@@ -165,7 +203,7 @@ func (s *jobServer) CancelJob(ctx context.Context, req *pb.CancelJobRequest) (*p
 func (s *jobServer) GetJobLogs(req *pb.GetJobLogsRequest, stream grpc.ServerStreamingServer[pb.GetJobLogsResponse]) error {
 	ctx := stream.Context()
 	_, err := call(ctx, s.b, func(eng *engine.Engine) (struct{}, error) {
-		return struct{}{}, eng.JobLogs(ctx, req.GetId(), func(node string, rank int, data []byte) error {
+		return struct{}{}, eng.JobLogs(ctx, req.GetId(), req.GetFollow(), func(node string, rank int, data []byte) error {
 			return stream.Send(&pb.GetJobLogsResponse{Node: node, Rank: int32(rank), Data: data})
 		})
 	}, func(ctx context.Context, conn *grpc.ClientConn) (struct{}, error) {

@@ -293,7 +293,8 @@ func (e *Engine) leaseStarted(le *leaseEntry, node string) {
 	le.started[node] = true
 	j := e.jobs[le.lease.JobID]
 	if len(le.started) == len(le.lease.Nodes) && j.State == model.JobScheduled {
-		j.State, j.StartTime = model.JobRunning, e.cfg.Now()
+		j.StartTime = e.cfg.Now()
+		j.SetState(model.JobRunning, "", j.StartTime)
 		e.persist(store.Change{Job: j})
 	}
 }

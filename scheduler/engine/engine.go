@@ -104,6 +104,9 @@ type Engine struct {
 	queue     pendingQueue
 	jobSeq    uint64
 	ready     bool // state loaded
+	// rev is the etcd revision memory reflects: the load revision, then
+	// that of each commit. Reads report it as their watch cursor.
+	rev int64
 
 	// Per-turn accumulators, only touched by the loop.
 	changes   []store.Change
@@ -239,8 +242,11 @@ func (e *Engine) commit(ctx context.Context) error {
 	}
 	cctx, cancel := context.WithTimeout(ctx, e.cfg.CommitTimeout)
 	defer cancel()
-	err := e.cfg.Store.Commit(cctx, e.cfg.Fence, e.changes, seq)
+	rev, err := e.cfg.Store.Commit(cctx, e.cfg.Fence, e.changes, seq)
 	e.changes, e.seqDirty = e.changes[:0], false
+	if rev > 0 {
+		e.rev = rev
+	}
 	if err != nil {
 		// Memory is now ahead of etcd by an unknown amount: end the term so
 		// the next one rebuilds from what actually committed.

@@ -188,8 +188,15 @@ func TestListJobs(t *testing.T) {
 	etcd := schedtest.StartEtcd(t)
 	tm := startTerm(t, etcd.Client, engine.Config{})
 	ctx := schedtest.Context(t)
-	for range 7 {
-		if _, err := tm.eng.Submit(ctx, spec(1)); err != nil {
+	for i := range 7 {
+		sp := spec(1)
+		if i%2 == 0 { // jobs 1, 3, 5, 7
+			sp.JobSet, sp.Labels = "sweep-a", map[string]string{"team": "vision"}
+		}
+		if i >= 5 { // jobs 6, 7
+			sp.Tenant = "globex"
+		}
+		if _, err := tm.eng.Submit(ctx, sp); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -209,9 +216,16 @@ func TestListJobs(t *testing.T) {
 		{"a first page", engine.JobFilter{PageSize: 3}, []string{"1", "2", "3"}, "3", false},
 		{"a middle page", engine.JobFilter{PageSize: 3, PageToken: "3"}, []string{"4", "5", "6"}, "6", false},
 		{"the last page", engine.JobFilter{PageSize: 3, PageToken: "6"}, []string{"7"}, "", false},
-		{"filtered by state", engine.JobFilter{States: []model.JobState{model.JobCancelled}}, []string{"2", "5"}, "", false},
-		{"filtered and paged", engine.JobFilter{States: []model.JobState{model.JobPending}, PageSize: 2, PageToken: "1"}, []string{"3", "4"}, "4", false},
-		{"a full page with no matching job after it has no token", engine.JobFilter{States: []model.JobState{model.JobCancelled}, PageSize: 1, PageToken: "2"}, []string{"5"}, "", false},
+		{"filtered by state", engine.JobFilter{Selector: model.JobSelector{States: []model.JobState{model.JobCancelled}}}, []string{"2", "5"}, "", false},
+		{"filtered and paged", engine.JobFilter{Selector: model.JobSelector{States: []model.JobState{model.JobPending}}, PageSize: 2, PageToken: "1"}, []string{"3", "4"}, "4", false},
+		{"a full page with no matching job after it has no token", engine.JobFilter{Selector: model.JobSelector{States: []model.JobState{model.JobCancelled}}, PageSize: 1, PageToken: "2"}, []string{"5"}, "", false},
+		{"filtered by job set", engine.JobFilter{Selector: model.JobSelector{JobSet: "sweep-a"}}, []string{"1", "3", "5", "7"}, "", false},
+		{"filtered by label", engine.JobFilter{Selector: model.JobSelector{Labels: map[string]string{"team": "vision"}}}, []string{"1", "3", "5", "7"}, "", false},
+		{"a label with another value matches nothing", engine.JobFilter{Selector: model.JobSelector{Labels: map[string]string{"team": "nlp"}}}, nil, "", false},
+		{"filtered by tenant and job set", engine.JobFilter{Selector: model.JobSelector{Tenants: []string{"globex"}, JobSet: "sweep-a"}}, []string{"7"}, "", false},
+		{"filtered by queue", engine.JobFilter{Selector: model.JobSelector{Queues: []string{"default"}}, PageSize: 2}, []string{"1", "2"}, "2", false},
+		{"by IDs, in ID order, duplicates once, unknown ones skipped", engine.JobFilter{Selector: model.JobSelector{IDs: []string{"6", "2", "6", "99"}}}, []string{"2", "6"}, "", false},
+		{"by IDs and state", engine.JobFilter{Selector: model.JobSelector{IDs: []string{"2", "3"}, States: []model.JobState{model.JobPending}}}, []string{"3"}, "", false},
 		{"a page that ends exactly at the last job has no token", engine.JobFilter{PageSize: 7}, []string{"1", "2", "3", "4", "5", "6", "7"}, "", false},
 		{"a page size over the maximum is capped", engine.JobFilter{PageSize: engine.MaxPageSize + 1}, []string{"1", "2", "3", "4", "5", "6", "7"}, "", false},
 		{"a negative page size is invalid", engine.JobFilter{PageSize: -1}, nil, "", true},
@@ -219,7 +233,8 @@ func TestListJobs(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			jobs, next, err := tm.eng.ListJobs(c.filter)
+			page, err := tm.eng.ListJobs(c.filter)
+			jobs, next := page.Jobs, page.NextPageToken
 			if c.err {
 				if !errors.Is(err, model.ErrInvalid) {
 					t.Fatalf("ListJobs = %v; want ErrInvalid", err)
@@ -421,7 +436,8 @@ func TestIdempotentSubmits(t *testing.T) {
 			t.Fatalf("concurrent retries created jobs %s and %s", first, id)
 		}
 	}
-	if jobs, _, _ := tm.eng.ListJobs(engine.JobFilter{}); len(jobs) != 1 || jobs[0].IdempotencyKey != "order-17" {
+	if page, _ := tm.eng.ListJobs(engine.JobFilter{}); len(page.Jobs) != 1 || page.Jobs[0].IdempotencyKey != "order-17" {
+		jobs := page.Jobs
 		t.Fatalf("jobs = %v; want exactly one, with its key", jobs)
 	}
 	// The key is per tenant.

@@ -34,10 +34,25 @@ func (e *Engine) await(ctx context.Context, ch <-chan result) (*model.Job, error
 	}
 }
 
+// SubmitItem is one job of a submission: a spec and an optional
+// idempotency key.
+type SubmitItem struct {
+	Spec           model.JobSpec
+	IdempotencyKey string
+}
+
+// SubmitResult is the outcome of one SubmitItem: the job, or why not.
+type SubmitResult struct {
+	Job *model.Job
+	Err error
+}
+
 type submitEvent struct {
-	spec  model.JobSpec
-	key   string
-	reply chan result
+	items []SubmitItem
+	// results is filled in before apply for items that failed validation;
+	// apply fills in the rest.
+	results []SubmitResult
+	reply   chan []SubmitResult
 }
 
 // Submit records a validated job spec and returns the PENDING job once it
@@ -52,55 +67,85 @@ func (e *Engine) Submit(ctx context.Context, spec model.JobSpec) (*model.Job, er
 // and the loop applies submits one at a time, so concurrent retries and a
 // retry after a leader failover all find the same job.
 func (e *Engine) SubmitIdempotent(ctx context.Context, spec model.JobSpec, key string) (*model.Job, error) {
-	spec, err := model.NormalizeJobSpec(spec)
+	res, err := e.SubmitBatch(ctx, []SubmitItem{{Spec: spec, IdempotencyKey: key}})
 	if err != nil {
 		return nil, err
 	}
-	if err := model.ValidateIdempotencyKey(key); err != nil {
+	return res[0].Job, res[0].Err
+}
+
+// SubmitBatch submits up to model.MaxSubmitBatch jobs in one turn of the
+// loop, so they share one group commit. Each item succeeds or fails on its
+// own; the results are in item order. The error is for the batch as a
+// whole (too large, the term ended, ctx done).
+func (e *Engine) SubmitBatch(ctx context.Context, items []SubmitItem) ([]SubmitResult, error) {
+	if err := model.ValidateBatchSize(len(items)); err != nil {
 		return nil, err
 	}
-	ev := &submitEvent{spec: spec, key: key, reply: make(chan result, 1)}
+	ev := &submitEvent{items: make([]SubmitItem, len(items)), results: make([]SubmitResult, len(items)), reply: make(chan []SubmitResult, 1)}
+	for i, it := range items {
+		spec, err := model.NormalizeJobSpec(it.Spec)
+		if err == nil {
+			err = model.ValidateIdempotencyKey(it.IdempotencyKey)
+		}
+		ev.items[i] = SubmitItem{Spec: spec, IdempotencyKey: it.IdempotencyKey}
+		ev.results[i].Err = err
+	}
 	if err := e.post(ctx, ev); err != nil {
 		return nil, err
 	}
-	return e.await(ctx, ev.reply)
+	select {
+	case r := <-ev.reply:
+		return r, nil
+	case <-e.stopped:
+		return nil, model.ErrStopped
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func (ev *submitEvent) apply(e *Engine) {
-	if ev.key != "" {
-		if r, ok := e.idem[idemID(ev.spec.Tenant, ev.key)]; ok {
+	for i, it := range ev.items {
+		if ev.results[i].Err == nil {
+			ev.results[i] = e.submit(it)
+		}
+	}
+	e.reply(func() { ev.reply <- ev.results })
+}
+
+// submit creates one job (or finds the one its idempotency key made).
+func (e *Engine) submit(it SubmitItem) SubmitResult {
+	spec, key := it.Spec, it.IdempotencyKey
+	if key != "" {
+		if r, ok := e.idem[idemID(spec.Tenant, key)]; ok {
 			if j := e.jobs[r.JobID]; j != nil {
-				snap := j.Clone()
-				e.reply(func() { ev.reply <- result{job: snap} })
-				return
+				return SubmitResult{Job: j.Clone()}
 			}
 		}
 	}
-	if _, ok := e.queues[ev.spec.Queue]; !ok {
-		err := &model.ValidationError{Violations: []model.FieldViolation{{Field: "spec.queue", Description: fmt.Sprintf("no queue %q (create it with gpusched queues create)", ev.spec.Queue)}}}
-		e.reply(func() { ev.reply <- result{err: err} })
-		return
+	if _, ok := e.queues[spec.Queue]; !ok {
+		return SubmitResult{Err: &model.ValidationError{Violations: []model.FieldViolation{{Field: "spec.queue", Description: fmt.Sprintf("no queue %q (create it with gpusched queues create)", spec.Queue)}}}}
 	}
 	seq, id := e.nextJobID()
-	j := &model.Job{
-		ID: id, Seq: seq, Spec: ev.spec, State: model.JobPending,
-		Reason: "waiting for the next scheduling cycle", CreateTime: e.cfg.Now(),
-	}
+	j := &model.Job{ID: id, Seq: seq, Spec: spec, CreateTime: e.cfg.Now()}
+	j.SetState(model.JobPending, "submitted", j.CreateTime)
+	j.Reason = "waiting for the next scheduling cycle"
 	e.jobs[id] = j
 	e.order = append(e.order, j)
 	e.queue.push(j)
 	e.needCycle = true
 	change := store.Change{Job: j}
-	if ev.key != "" {
-		j.IdempotencyKey = ev.key
-		r := &model.Idempotency{Tenant: j.Spec.Tenant, Key: ev.key, JobID: id, CreateTime: j.CreateTime}
+	if key != "" {
+		j.IdempotencyKey = key
+		r := &model.Idempotency{Tenant: j.Spec.Tenant, Key: key, JobID: id, CreateTime: j.CreateTime}
 		e.idem[idemID(r.Tenant, r.Key)] = r
 		e.idemOrder = append(e.idemOrder, r)
 		change.Idem = r
 	}
 	e.persist(change)
-	snap := j.Clone()
-	e.reply(func() { ev.reply <- result{job: snap} })
+	// The clone is taken now, before placement may move the job on in this
+	// same turn: the caller sees the job as submitted.
+	return SubmitResult{Job: j.Clone()}
 }
 
 type cancelEvent struct {
@@ -218,7 +263,8 @@ func (e *Engine) grant(j *model.Job, nodes []string) {
 		})
 		n.lease = l.ID
 	}
-	j.State, j.Reason, j.LeaseID, j.Nodes = model.JobScheduled, "", l.ID, nodes
+	j.SetState(model.JobScheduled, "", now)
+	j.LeaseID, j.Nodes = l.ID, nodes
 	j.ScheduleTime, j.Exits = now, nil
 	e.leases[l.ID] = newLeaseEntry(l)
 	e.persist(store.Change{Job: j, Lease: l})
@@ -244,7 +290,8 @@ func (e *Engine) startOn(le *leaseEntry, node string) {
 
 // endJob moves a job to a terminal state and ends its active lease.
 func (e *Engine) endJob(j *model.Job, state model.JobState, reason string) {
-	j.State, j.Reason, j.EndTime = state, reason, e.cfg.Now()
+	j.EndTime = e.cfg.Now()
+	j.SetState(state, reason, j.EndTime)
 	e.persist(store.Change{Job: j, Lease: e.endLease(j, state.String()+": "+reason)})
 	e.needCycle = true
 	e.log.Info("job ended", zap.String("job_id", j.ID), zap.String("state", state.String()), zap.String("reason", reason))
@@ -288,7 +335,7 @@ func (e *Engine) nodeFailed(j *model.Job, why string) {
 // requeue ends the job's lease and puts it back in the queue at its place.
 func (e *Engine) requeue(j *model.Job, why, reason string) {
 	l := e.endLease(j, "requeued: "+why)
-	j.State, j.Reason = model.JobPending, reason
+	j.SetState(model.JobPending, reason, e.cfg.Now())
 	j.ScheduleTime, j.StartTime, j.Exits = time.Time{}, time.Time{}, nil
 	e.queue.push(j) // keeps its place: the queue is ordered by submission
 	e.persist(store.Change{Job: j, Lease: l})

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"time"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/model"
@@ -13,24 +14,49 @@ type LogSink func(node string, rank int, data []byte) error
 
 // JobLogs streams the output of a job's last lease from the agents that
 // ran it. Logs stay on the nodes (in each agent's data dir); the scheduler
-// only relays them over the agents' existing streams.
-func (e *Engine) JobLogs(ctx context.Context, id string, sink LogSink) error {
+// only relays them over the agents' existing streams. With follow, it
+// keeps fetching what is new every FollowInterval until the job ends.
+func (e *Engine) JobLogs(ctx context.Context, id string, follow bool, sink LogSink) error {
 	if err := model.ValidateID("id", id); err != nil {
 		return err
 	}
-	e.mu.RLock()
-	j := e.jobs[id]
-	var lease *model.Lease
-	if j != nil && e.leases[j.LeaseID] != nil {
-		lease = e.leases[j.LeaseID].lease.Clone()
+	offsets := map[string]uint64{} // lease/node -> bytes relayed
+	for {
+		e.mu.RLock()
+		j := e.jobs[id]
+		var lease *model.Lease
+		ended := j != nil && j.State.Terminal()
+		if j != nil && e.leases[j.LeaseID] != nil {
+			lease = e.leases[j.LeaseID].lease.Clone()
+		}
+		e.mu.RUnlock()
+		if j == nil {
+			return model.Errorf(model.ErrNotFound, "job %s not found", id)
+		}
+		if lease != nil {
+			if err := e.relayLogs(ctx, lease, offsets, sink); err != nil {
+				return err
+			}
+		}
+		if !follow || ended {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-e.stopped:
+			return model.ErrStopped
+		case <-time.After(FollowInterval):
+		}
 	}
-	e.mu.RUnlock()
-	if j == nil {
-		return model.Errorf(model.ErrNotFound, "job %s not found", id)
-	}
-	if lease == nil {
-		return nil // never ran: no output
-	}
+}
+
+// FollowInterval is how often a followed job's nodes are asked for new
+// output.
+const FollowInterval = 500 * time.Millisecond
+
+// relayLogs fetches each node's output past what offsets says was relayed.
+func (e *Engine) relayLogs(ctx context.Context, lease *model.Lease, offsets map[string]uint64, sink LogSink) error {
 	for _, ln := range lease.Nodes {
 		e.mu.RLock()
 		var c *agentConn
@@ -41,7 +67,12 @@ func (e *Engine) JobLogs(ctx context.Context, id string, sink LogSink) error {
 		if c == nil {
 			return model.Errorf(model.ErrNodeUnavailable, "logs unavailable: node %s is not connected", ln.Node)
 		}
-		if err := c.fetchLogs(ctx, e.Token(), lease.ID, func(b []byte) error { return sink(ln.Node, ln.Rank, b) }); err != nil {
+		key := lease.ID + "/" + ln.Node
+		err := c.fetchLogs(ctx, e.Token(), lease.ID, offsets[key], func(b []byte) error {
+			offsets[key] += uint64(len(b))
+			return sink(ln.Node, ln.Rank, b)
+		})
+		if err != nil {
 			return fmt.Errorf("node %s: %w", ln.Node, err)
 		}
 	}
@@ -49,7 +80,7 @@ func (e *Engine) JobLogs(ctx context.Context, id string, sink LogSink) error {
 }
 
 // fetchLogs asks the agent for a lease's output and feeds the chunks to fn.
-func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, fn func([]byte) error) error {
+func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, offset uint64, fn func([]byte) error) error {
 	id := c.nextReq.Add(1)
 	ch := make(chan *pb.LogChunk, 256)
 	c.mu.Lock()
@@ -64,7 +95,7 @@ func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, fn
 		delete(c.logReqs, id)
 		c.mu.Unlock()
 	}()
-	req := &pb.ConnectResponse{FencingToken: token, Msg: &pb.ConnectResponse_FetchLogs{FetchLogs: &pb.FetchLogs{RequestId: id, LeaseId: lease}}}
+	req := &pb.ConnectResponse{FencingToken: token, Msg: &pb.ConnectResponse_FetchLogs{FetchLogs: &pb.FetchLogs{RequestId: id, LeaseId: lease, Offset: offset}}}
 	select {
 	case c.out <- req:
 	case <-ctx.Done():

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"slices"
 	"sort"
 	"strconv"
 
@@ -29,17 +30,27 @@ func (e *Engine) GetJob(id string) (*model.Job, error) {
 
 // JobFilter selects jobs for ListJobs.
 type JobFilter struct {
-	States    []model.JobState // empty: all
+	Selector  model.JobSelector // States match the job's current state
 	PageSize  int
 	PageToken string // the last job ID of the previous page
 }
 
-// ListJobs returns jobs in ID (submission) order, a page at a time.
-func (e *Engine) ListJobs(f JobFilter) ([]*model.Job, string, error) {
+// JobPage is one page of ListJobs.
+type JobPage struct {
+	Jobs []*model.Job
+	// NextPageToken is empty on the last page.
+	NextPageToken string
+	// Revision is the etcd revision the page reflects: watching job changes
+	// after it misses nothing and repeats nothing the page already shows.
+	Revision int64
+}
+
+// ListJobs returns matching jobs in ID (submission) order, a page at a time.
+func (e *Engine) ListJobs(f JobFilter) (JobPage, error) {
 	size := f.PageSize
 	switch {
 	case size < 0:
-		return nil, "", &model.ValidationError{Violations: []model.FieldViolation{{Field: "page_size", Description: "must not be negative"}}}
+		return JobPage{}, &model.ValidationError{Violations: []model.FieldViolation{{Field: "page_size", Description: "must not be negative"}}}
 	case size == 0:
 		size = DefaultPageSize
 	case size > MaxPageSize:
@@ -49,32 +60,41 @@ func (e *Engine) ListJobs(f JobFilter) ([]*model.Job, string, error) {
 	if f.PageToken != "" {
 		var err error
 		if after, err = strconv.ParseUint(f.PageToken, 10, 64); err != nil {
-			return nil, "", &model.ValidationError{Violations: []model.FieldViolation{{Field: "page_token", Description: "is not a token from a previous response"}}}
+			return JobPage{}, &model.ValidationError{Violations: []model.FieldViolation{{Field: "page_token", Description: "is not a token from a previous response"}}}
 		}
 	}
-	want := map[model.JobState]bool{}
-	for _, s := range f.States {
-		want[s] = true
-	}
+	sel := f.Selector
+	match := func(j *model.Job) bool { return sel.MatchesState(j.State) && sel.Matches(j) }
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	i := sort.Search(len(e.order), func(i int) bool { return e.order[i].Seq > after })
-	var out []*model.Job
-	for ; i < len(e.order) && len(out) < size; i++ {
-		if j := e.order[i]; len(want) == 0 || want[j.State] {
-			out = append(out, j.Clone())
+	page := JobPage{Revision: e.rev}
+	candidates := e.order
+	if len(sel.IDs) > 0 {
+		// A handful of IDs: look them up instead of scanning every job.
+		candidates = nil
+		for _, id := range sel.IDs {
+			if j := e.jobs[id]; j != nil {
+				candidates = append(candidates, j)
+			}
+		}
+		sort.Slice(candidates, func(a, b int) bool { return candidates[a].Seq < candidates[b].Seq })
+		candidates = slices.CompactFunc(candidates, func(a, b *model.Job) bool { return a == b })
+	}
+	i := sort.Search(len(candidates), func(i int) bool { return candidates[i].Seq > after })
+	for ; i < len(candidates) && len(page.Jobs) < size; i++ {
+		if j := candidates[i]; match(j) {
+			page.Jobs = append(page.Jobs, j.Clone())
 		}
 	}
 	// Hand out a token only if another matching job exists, so a client
 	// never fetches a final, empty page.
-	next := ""
-	for ; i < len(e.order) && len(out) == size; i++ {
-		if len(want) == 0 || want[e.order[i].State] {
-			next = out[len(out)-1].ID
+	for ; i < len(candidates) && len(page.Jobs) == size; i++ {
+		if match(candidates[i]) {
+			page.NextPageToken = page.Jobs[len(page.Jobs)-1].ID
 			break
 		}
 	}
-	return out, next, nil
+	return page, nil
 }
 
 // GetNode returns one node as clients see it.

@@ -133,7 +133,7 @@ func (e *Engine) load(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	now := e.cfg.Now()
-	e.jobSeq = st.JobSeq
+	e.jobSeq, e.rev = st.JobSeq, st.Revision
 	for _, t := range st.Tenants {
 		e.tenants[t.Name] = t
 	}

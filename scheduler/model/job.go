@@ -61,6 +61,10 @@ type JobSpec struct {
 	// Queue the job waits in, and its priority there (higher first).
 	Queue    string
 	Priority int
+	// Labels are the tenant's own tags for finding the job again.
+	Labels map[string]string
+	// JobSet groups the jobs of one workflow run or sweep.
+	JobSet string
 }
 
 // Gang topologies and the node label each is about.
@@ -116,6 +120,43 @@ type Job struct {
 	Events []NodeEvent
 	// IdempotencyKey is the key it was submitted with, if any.
 	IdempotencyKey string
+	// Transitions is every state change, oldest first. Its length is
+	// bounded by the retry limit (at most 3 per lease plus the end).
+	Transitions []Transition
+}
+
+// Transition is one state change of a job. Seq counts a job's transitions
+// from 1, so a watcher can tell a new one from one it has seen.
+type Transition struct {
+	Seq    int
+	State  JobState
+	Time   time.Time
+	Reason string
+}
+
+// SetState moves the job to state, recording the transition. reason
+// becomes the job's Reason too.
+func (j *Job) SetState(state JobState, reason string, at time.Time) {
+	j.State, j.Reason = state, reason
+	j.Transitions = append(j.Transitions, Transition{Seq: j.lastSeq() + 1, State: state, Time: at, Reason: reason})
+}
+
+func (j *Job) lastSeq() int {
+	if j == nil || len(j.Transitions) == 0 {
+		return 0
+	}
+	return j.Transitions[len(j.Transitions)-1].Seq
+}
+
+// NewTransitions returns the transitions cur has that prev (the same job
+// at an earlier point, or nil) had not: what happened between the two.
+func NewTransitions(prev, cur *Job) []Transition {
+	seen := prev.lastSeq()
+	i := len(cur.Transitions)
+	for i > 0 && cur.Transitions[i-1].Seq > seen {
+		i--
+	}
+	return cur.Transitions[i:]
 }
 
 // Idempotency maps a tenant's idempotency key to the job it created.
@@ -146,6 +187,8 @@ func (j *Job) Clone() *Job {
 	c := *j
 	c.Spec.Command = append([]string(nil), j.Spec.Command...)
 	c.Spec.Selector = cloneMap(j.Spec.Selector)
+	c.Spec.Labels = cloneMap(j.Spec.Labels)
+	c.Transitions = append([]Transition(nil), j.Transitions...)
 	if j.Spec.Env != nil {
 		c.Spec.Env = make(map[string]string, len(j.Spec.Env))
 		for k, v := range j.Spec.Env {
@@ -156,4 +199,15 @@ func (j *Job) Clone() *Job {
 	c.Exits = append([]NodeExit(nil), j.Exits...)
 	c.Events = append([]NodeEvent(nil), j.Events...)
 	return &c
+}
+
+// MaxSubmitBatch bounds the jobs of one batch submission.
+const MaxSubmitBatch = 1000
+
+// ValidateBatchSize checks the item count of a batch submission.
+func ValidateBatchSize(n int) error {
+	if n < 1 || n > MaxSubmitBatch {
+		return &ValidationError{Violations: []FieldViolation{{Field: "items", Description: fmt.Sprintf("must hold 1 to %d submissions, got %d", MaxSubmitBatch, n)}}}
+	}
+	return nil
 }

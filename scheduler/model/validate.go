@@ -73,6 +73,10 @@ func NormalizeJobSpec(s JobSpec) (JobSpec, error) {
 		v.add("spec.time_limit", fmt.Sprintf("must be at most %s", MaxTimeLimit))
 	}
 	validateLabels(&v, "spec.selector", s.Selector)
+	validateLabels(&v, "spec.labels", s.Labels)
+	if s.JobSet != "" && (len(s.JobSet) > MaxLabelValueLen || !labelValueRE.MatchString(s.JobSet)) {
+		v.add("spec.job_set", fmt.Sprintf("must be at most %d letters, digits, '.', '_' or '-', starting and ending with a letter or digit", MaxLabelValueLen))
+	}
 	for _, t := range []struct{ field, value string }{{"spec.topology", s.Topology}, {"spec.prefer_topology", s.PreferTopology}} {
 		if t.value != "" && TopologyLabel(t.value) == "" {
 			v.add(t.field, fmt.Sprintf("must be %q or %q, got %q", TopologySameRack, TopologySameSwitch, t.value))

@@ -141,16 +141,10 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 		}
 	}
 	err = s.scan(ctx, s.jobPrefix(), st.Revision, func(key string, v []byte) error {
-		var p pb.Job
-		if err := proto.Unmarshal(v, &p); err != nil {
-			return err
-		}
-		j := wire.JobFromProto(&p)
-		seq, err := strconv.ParseUint(strings.TrimPrefix(key, s.jobPrefix()), 10, 64)
+		j, err := s.decodeJob([]byte(key), v)
 		if err != nil {
 			return err
 		}
-		j.Seq = seq
 		st.Jobs = append(st.Jobs, j)
 		return nil
 	})
@@ -242,7 +236,9 @@ func (s *Store) scan(ctx context.Context, prefix string, rev int64, fn func(key 
 // transaction so no job ID can ever be handed out twice. It returns ErrFenced
 // if the fence no longer holds. On any error the caller must assume an
 // unknown prefix of the transactions committed and rebuild from etcd.
-func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSeq uint64) error {
+// On success it returns the etcd revision of the last transaction (0 when
+// there was nothing to write): every change is visible at that revision.
+func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSeq uint64) (int64, error) {
 	// Every transaction also records its writer's token, so etcd's history
 	// shows which leader made each revision (see internal/invariants).
 	newBatch := func() batch {
@@ -256,17 +252,17 @@ func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSe
 	}
 	for _, c := range changes {
 		if len(b.ops)+c.ops() > MaxOpsPerTxn {
-			if err := s.txn(ctx, fence, b.ops); err != nil {
-				return err
+			if _, err := s.txn(ctx, fence, b.ops); err != nil {
+				return 0, err
 			}
 			b = newBatch()
 		}
 		if err := s.appendOps(&b, c); err != nil {
-			return err
+			return 0, err
 		}
 	}
 	if len(b.ops) == 1 { // only the writer record: nothing changed
-		return nil
+		return 0, nil
 	}
 	return s.txn(ctx, fence, b.ops)
 }
@@ -348,16 +344,16 @@ func (s *Store) appendOps(b *batch, c Change) error {
 	return nil
 }
 
-func (s *Store) txn(ctx context.Context, fence Fence, ops []clientv3.Op) error {
+func (s *Store) txn(ctx context.Context, fence Fence, ops []clientv3.Op) (int64, error) {
 	resp, err := s.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Revision)).
 		Then(ops...).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("store: commit %d ops: %w", len(ops), err)
+		return 0, fmt.Errorf("store: commit %d ops: %w", len(ops), err)
 	}
 	if !resp.Succeeded {
-		return ErrFenced
+		return 0, ErrFenced
 	}
-	return nil
+	return resp.Header.Revision, nil
 }

@@ -99,7 +99,7 @@ func TestCommitThenLoadReturnsTheSameRecords(t *testing.T) {
 	n1, n2, n3 := node("n1"), node("n2"), node("n3")
 	n1.Connected, n1.LeaseID, n1.JobID = true, "2.1", "2" // derived in memory, never stored
 
-	err := s.Commit(ctx, fence, []Change{
+	_, err := s.Commit(ctx, fence, []Change{
 		{Job: j10, Lease: l10, Node: n3},
 		{Job: j1},
 		{Job: j2, Lease: l2, Node: n1},
@@ -164,7 +164,7 @@ func TestJobSeq(t *testing.T) {
 			s := New(cli, prefix)
 			ctx := testContext(t)
 			for i, seq := range c.commits {
-				if err := s.Commit(ctx, fence, []Change{{Job: job(uint64(i + 1))}}, seq); err != nil {
+				if _, err := s.Commit(ctx, fence, []Change{{Job: job(uint64(i + 1))}}, seq); err != nil {
 					t.Fatalf("Commit: %v", err)
 				}
 			}
@@ -214,7 +214,7 @@ func TestCommitIsFenced(t *testing.T) {
 			for i := uint64(1); i <= 100; i++ {
 				changes = append(changes, Change{Job: job(i), Node: node(fmt.Sprintf("n%d", i))})
 			}
-			err = s.Commit(ctx, fence, changes, 100)
+			_, err = s.Commit(ctx, fence, changes, 100)
 			if !errors.Is(err, ErrFenced) {
 				t.Fatalf("Commit = %v; want ErrFenced", err)
 			}
@@ -244,7 +244,7 @@ func TestCommitSplitsLargeBatchesIntoTransactions(t *testing.T) {
 		j.LeaseID = model.LeaseID(j.ID, 1)
 		changes = append(changes, Change{Job: j, Lease: lease(j, 1, n), Node: node(n)})
 	}
-	if err := s.Commit(ctx, fence, changes, 150); err != nil {
+	if _, err := s.Commit(ctx, fence, changes, 150); err != nil {
 		t.Fatalf("Commit: %v", err)
 	}
 	resp, err := cli.Get(ctx, "/gpusched/", clientv3.WithPrefix())
@@ -336,7 +336,7 @@ func TestCommitPutsARecordChangedTwiceOnce(t *testing.T) {
 			j.State, j.Reason, j.LeaseID = model.JobSucceeded, "", l.ID
 			l.Active = false
 			n.Reason = "final"
-			if err := s.Commit(ctx, fence, changes, 1); err != nil {
+			if _, err := s.Commit(ctx, fence, changes, 1); err != nil {
 				t.Fatalf("Commit: %v", err)
 			}
 			st, err := s.Load(ctx)
@@ -371,12 +371,12 @@ func TestLoadPagesThroughLargeState(t *testing.T) {
 		for i := from; i < from+1000 && i <= total; i++ {
 			changes = append(changes, Change{Job: &model.Job{ID: strconv.Itoa(i), Seq: uint64(i), State: model.JobPending}})
 		}
-		if err := s.Commit(ctx, fence, changes, uint64(from+len(changes)-1)); err != nil {
+		if _, err := s.Commit(ctx, fence, changes, uint64(from+len(changes)-1)); err != nil {
 			t.Fatalf("Commit: %v", err)
 		}
 	}
 	// Written after the jobs: a load must not mix other prefixes in.
-	if err := s.Commit(ctx, fence, []Change{{Node: node("n1")}}, 0); err != nil {
+	if _, err := s.Commit(ctx, fence, []Change{{Node: node("n1")}}, 0); err != nil {
 		t.Fatal(err)
 	}
 	st, err := s.Load(ctx)

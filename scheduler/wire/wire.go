@@ -44,6 +44,8 @@ func JobSpecToProto(s model.JobSpec) *pb.JobSpec {
 		PreferTopology:    s.PreferTopology,
 		Queue:             s.Queue,
 		Priority:          int32(s.Priority),
+		Labels:            s.Labels,
+		JobSet:            s.JobSet,
 	}
 	if s.TimeLimit > 0 {
 		out.TimeLimit = durationpb.New(s.TimeLimit)
@@ -72,6 +74,8 @@ func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
 		PreferTopology:    s.GetPreferTopology(),
 		Queue:             s.GetQueue(),
 		Priority:          int(s.GetPriority()),
+		Labels:            s.GetLabels(),
+		JobSet:            s.GetJobSet(),
 	}
 	if s.MaxRetries != nil {
 		out.MaxRetries = int(s.GetMaxRetries())
@@ -103,6 +107,7 @@ func JobToProto(j *model.Job) *pb.Job {
 		Retries:        int32(j.Retries),
 		Events:         eventsToProto(j.Events),
 		IdempotencyKey: j.IdempotencyKey,
+		Transitions:    TransitionsToProto(j.Transitions),
 	}
 	for _, e := range j.Exits {
 		out.Exits = append(out.Exits, &pb.NodeExit{
@@ -111,6 +116,20 @@ func JobToProto(j *model.Job) *pb.Job {
 		})
 	}
 	return out
+}
+
+// TransitionsToProto converts a job's state changes.
+func TransitionsToProto(ts []model.Transition) []*pb.JobTransition {
+	out := make([]*pb.JobTransition, len(ts))
+	for i, t := range ts {
+		out[i] = TransitionToProto(t)
+	}
+	return out
+}
+
+// TransitionToProto converts one state change.
+func TransitionToProto(t model.Transition) *pb.JobTransition {
+	return &pb.JobTransition{Seq: int32(t.Seq), State: pb.JobState(t.State), Time: ts(t.Time), Reason: t.Reason}
 }
 
 // JobFromProto converts a stored job. seq is recovered from the ID by the
@@ -131,6 +150,9 @@ func JobFromProto(p *pb.Job) *model.Job {
 		Retries:        int(p.GetRetries()),
 		Events:         eventsFromProto(p.GetEvents()),
 		IdempotencyKey: p.GetIdempotencyKey(),
+	}
+	for _, t := range p.GetTransitions() {
+		j.Transitions = append(j.Transitions, model.Transition{Seq: int(t.GetSeq()), State: model.JobState(t.GetState()), Time: fromTS(t.GetTime()), Reason: t.GetReason()})
 	}
 	for _, e := range p.GetExits() {
 		j.Exits = append(j.Exits, model.NodeExit{

@@ -1363,9 +1363,12 @@ func (x *ReleaseLease) GetReason() string {
 
 // FetchLogs asks for a lease's output on this node.
 type FetchLogs struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	LeaseId       string                 `protobuf:"bytes,2,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	LeaseId   string                 `protobuf:"bytes,2,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// Skip this many bytes of the output (what an earlier fetch returned),
+	// so a follower asks only for what is new.
+	Offset        uint64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1412,6 +1415,13 @@ func (x *FetchLogs) GetLeaseId() string {
 		return x.LeaseId
 	}
 	return ""
+}
+
+func (x *FetchLogs) GetOffset() uint64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
 }
 
 var File_gpusched_v1_agent_service_proto protoreflect.FileDescriptor
@@ -1521,11 +1531,12 @@ const file_gpusched_v1_agent_service_proto_rawDesc = "" +
 	"\fReleaseLease\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12/\n" +
 	"\x05grace\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x05grace\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"E\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"]\n" +
 	"\tFetchLogs\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12\x19\n" +
-	"\blease_id\x18\x02 \x01(\tR\aleaseId2X\n" +
+	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12\x16\n" +
+	"\x06offset\x18\x03 \x01(\x04R\x06offset2X\n" +
 	"\fAgentService\x12H\n" +
 	"\aConnect\x12\x1b.gpusched.v1.ConnectRequest\x1a\x1c.gpusched.v1.ConnectResponse(\x010\x01B\xac\x01\n" +
 	"\x0fcom.gpusched.v1B\x11AgentServiceProtoP\x01Z9github.com/gpusched/gpusched/proto/gpusched/v1;gpuschedv1\xa2\x02\x03GXX\xaa\x02\vGpusched.V1\xca\x02\vGpusched\\V1\xe2\x02\x17Gpusched\\V1\\GPBMetadata\xea\x02\fGpusched::V1b\x06proto3"

@@ -132,7 +132,7 @@ type JobSpec struct {
 	// Priority within its queue; higher goes first. -1000..1000, default 0.
 	Priority int32 `protobuf:"varint,15,opt,name=priority,proto3" json:"priority,omitempty"`
 	// Free-form labels for finding the job again (list and watch filter on
-	// them), e.g. {"team": "vision", "run": "sweep-7"}. At most 32; keys are
+	// them), e.g. {"team": "vision", "run": "sweep-7"}. At most 64; keys are
 	// [prefix/]name as in Kubernetes, values at most 63 characters.
 	Labels map[string]string `protobuf:"bytes,16,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// Job set the job belongs to: a name grouping the jobs of one workflow
