@@ -34,7 +34,7 @@ test-short: ## Unit tests only (skips the end-to-end tests)
 	$(GO) test -short $(TESTFLAGS) $(PKGS)
 
 .PHONY: proto
-proto: ## Lint the protos and regenerate the committed Go code
+proto: ## Lint the protos and regenerate the committed code: Go, gRPC, REST gateway, OpenAPI document
 	$(BUF) lint
 	$(BUF) generate
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fails when the committed generated code differs from what `make proto`
-# would produce, or when the protos break compatibility with main.
+# Fails when the committed generated code (Go, gRPC, gateway, and the
+# OpenAPI document) differs from what `make proto` would produce, or when
+# the protos break compatibility with main.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 buf=(go tool -modfile=tools/go.mod buf)
@@ -15,10 +16,10 @@ while IFS= read -r -d '' f; do
     echo "stale generated file: $rel (run 'make proto' and commit)"
     stale=1
   fi
-done < <(find "$tmp" -name '*.go' -print0)
+done < <(find "$tmp" -type f \( -name '*.go' -o -name '*.json' \) -print0)
 while IFS= read -r -d '' f; do
   [ -e "$tmp/$f" ] || { echo "generated file without a source: $f"; stale=1; }
-done < <(find proto -name '*.pb.go' -print0)
+done < <(find proto -type f \( -name '*.pb.go' -o -name '*.pb.gw.go' -o -name '*.swagger.json' \) -print0)
 [ "$stale" = 0 ] || exit 1
 echo "generated code is up to date"
 

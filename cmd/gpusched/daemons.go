@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -19,7 +20,12 @@ import (
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/scheduler"
 	"github.com/gpusched/gpusched/scheduler/engine"
+	"github.com/gpusched/gpusched/scheduler/gateway"
 )
+
+// devHTTPListen is where `gpusched dev` serves REST/JSON unless told
+// otherwise; when it is taken, dev picks a free port instead.
+const devHTTPListen = "127.0.0.1:8080"
 
 // logFlags are shared by the daemon commands.
 type logFlags struct{ level, format string }
@@ -79,10 +85,13 @@ func newDevCmd() *cobra.Command {
 		Long: `Run a development cluster in one process: an embedded etcd, one scheduler
 and --nodes node agents on simulated DGX machines (go-nvml's mock servers).
 Commands you submit run for real on this machine. Prints the endpoint and an
-export line for GPUSCHED_SERVER. Stop with Ctrl-C: every command the agents
-started is stopped too.`,
+export line for GPUSCHED_SERVER. The REST/JSON gateway serves on
+--http-listen (default 127.0.0.1:8080, or a free port when that is taken;
+--http-listen '' turns it off), with the OpenAPI document at /openapi.json.
+Stop with Ctrl-C: every command the agents started is stopped too.`,
 		Example: `  gpusched dev
   gpusched dev --nodes 8 --gpu-model a100 --listen 127.0.0.1:7070
+  gpusched dev --http-listen 127.0.0.1:8080   # then: curl http://127.0.0.1:8080/v1/jobs
   gpusched dev --data-dir ~/.gpusched-dev   # keep jobs and nodes across restarts`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -94,6 +103,9 @@ started is stopped too.`,
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
 			cfg.Logger = log
+			// The default port is a convenience: fall back when it is taken.
+			// An address given explicitly must be free.
+			cfg.HTTPListenFallback = !cmd.Flags().Changed("http-listen")
 			c, err := devcluster.Start(ctx, cfg)
 			if errors.Is(err, devcluster.ErrConfig) || errors.Is(err, nodeagent.ErrConfig) || errors.Is(err, gpu.ErrNVMLUnavailable) {
 				return &codedError{code: exitUsage, err: err}
@@ -108,11 +120,17 @@ started is stopped too.`,
 				what = cfg.GPUBackend
 			}
 			fmt.Fprintf(out, "gpusched dev cluster: %d %s nodes, data in %s\n", nodesOrDefault(cfg.Nodes), what, c.DataDir)
-			fmt.Fprintf(out, "scheduler listening on %s\n\n", c.Endpoint)
-			fmt.Fprintf(out, "export GPUSCHED_SERVER=%s\n\n", c.Endpoint)
+			fmt.Fprintf(out, "scheduler listening on %s\n", c.Endpoint)
+			if h := c.HTTPAddr(); h != "" {
+				fmt.Fprintf(out, "REST/JSON on http://%s (OpenAPI: http://%s%s)\n", h, h, gateway.OpenAPIPath)
+			}
+			fmt.Fprintf(out, "\nexport GPUSCHED_SERVER=%s\n\n", c.Endpoint)
 			if cfg.DataDir != "" {
-				// Scripts (and tests) find the endpoint without parsing stdout.
+				// Scripts (and tests) find the endpoints without parsing stdout.
 				_ = os.WriteFile(filepath.Join(cfg.DataDir, "endpoint"), []byte(c.Endpoint+"\n"), 0o644)
+				if h := c.HTTPAddr(); h != "" {
+					_ = os.WriteFile(filepath.Join(cfg.DataDir, "http-endpoint"), []byte(h+"\n"), 0o644)
+				}
 			}
 			select {
 			case <-ctx.Done():
@@ -127,6 +145,7 @@ started is stopped too.`,
 	f.IntVar(&cfg.Nodes, "nodes", 4, "number of simulated GPU nodes")
 	f.StringVar(&cfg.GPUModel, "gpu-model", "h100", "GPU model of the simulated nodes: a100, h100, h200 or b200")
 	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "scheduler gRPC address (port 0: pick a free port)")
+	f.StringVar(&cfg.HTTPListen, "http-listen", devHTTPListen, "REST/JSON gateway address (port 0: pick a free port; empty: no gateway)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "keep etcd data and agent state here across restarts (default: a temp dir, removed on exit)")
 	f.StringVar(&cfg.GPUBackend, "gpu-backend", "", "GPU backend instead of --gpu-model: "+strings.Join(gpu.Backends(), ", ")+" (nvml needs --nodes 1)")
 	engineFlags(cmd, &cfg.Engine)
@@ -151,19 +170,23 @@ func orDefault(s, d string) string {
 
 func newSchedulerCmd() *cobra.Command {
 	var (
-		cfg       scheduler.Config
-		endpoints string
-		listen    string
-		logs      logFlags
+		cfg        scheduler.Config
+		endpoints  string
+		listen     string
+		httpListen string
+		logs       logFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "scheduler",
 		Short: "Run a scheduler replica against an etcd cluster",
 		Long: `Run one scheduler replica. Replicas elect a leader in etcd; the leader places
 jobs and commands the node agents. Every write is fenced by the leader's
-election revision.`,
-		Example: `  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379 --listen 0.0.0.0:7070`,
-		Args:    exactArgs(0, "no arguments"),
+election revision. With --http-listen it also serves the REST/JSON gateway
+(and its OpenAPI document at /openapi.json), which calls this replica's own
+gRPC API over loopback.`,
+		Example: `  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379 --listen 0.0.0.0:7070
+  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379 --listen 0.0.0.0:7070 --http-listen 0.0.0.0:8080`,
+		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := logs.logger()
 			if err != nil {
@@ -191,13 +214,21 @@ election revision.`,
 				cfg.Address = lis.Addr().String()
 			}
 			cfg.Etcd, cfg.Logger = cli, log
+			var hlis net.Listener
+			if httpListen != "" {
+				if hlis, err = net.Listen("tcp", httpListen); err != nil {
+					lis.Close()
+					return fmt.Errorf("--http-listen: %w", err)
+				}
+			}
 			log.Info("scheduler serving", zap.String("listen", lis.Addr().String()), zap.Strings("etcd", eps))
-			return scheduler.New(cfg).Serve(ctx, lis)
+			return serveScheduler(ctx, log, scheduler.New(cfg), lis, hlis)
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&endpoints, "etcd-endpoints", "", "etcd client URLs, comma-separated (required)")
 	f.StringVar(&listen, "listen", "127.0.0.1:7070", "gRPC listen address")
+	f.StringVar(&httpListen, "http-listen", "", "REST/JSON gateway listen address, e.g. 0.0.0.0:8080 (default: no gateway)")
 	f.StringVar(&cfg.Name, "name", "", "replica name in the election (default: the advertised address)")
 	f.StringVar(&cfg.Address, "advertise-addr", "", "address clients and other replicas use to reach this one (default: the listen address)")
 	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix")
@@ -205,6 +236,35 @@ election revision.`,
 	engineFlags(cmd, &cfg.Engine)
 	logs.register(cmd)
 	return cmd
+}
+
+// serveScheduler runs the replica on lis and, when hlis is not nil, the
+// REST/JSON gateway on hlis, dialling the replica over loopback. Both stop
+// when ctx ends or either fails.
+func serveScheduler(ctx context.Context, log *zap.Logger, s *scheduler.Scheduler, lis, hlis net.Listener) error {
+	if hlis == nil {
+		return s.Serve(ctx, lis)
+	}
+	gw, err := gateway.New(gateway.Config{GRPCAddr: lis.Addr().String(), Logger: log.Named("gateway")})
+	if err != nil {
+		lis.Close()
+		hlis.Close()
+		return err
+	}
+	defer gw.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	gwErr := make(chan error, 1)
+	go func() {
+		err := gw.Serve(ctx, hlis)
+		cancel() // a gateway that fails takes the replica down with it
+		gwErr <- err
+	}()
+	log.Info("REST/JSON gateway serving", zap.String("url", "http://"+hlis.Addr().String()),
+		zap.String("openapi", "http://"+hlis.Addr().String()+gateway.OpenAPIPath))
+	err = s.Serve(ctx, lis)
+	cancel()
+	return errors.Join(err, <-gwErr)
 }
 
 func newAgentCmd() *cobra.Command {

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -24,6 +25,7 @@ import (
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/scheduler"
 	"github.com/gpusched/gpusched/scheduler/engine"
+	"github.com/gpusched/gpusched/scheduler/gateway"
 )
 
 // ErrConfig: the cluster's configuration is unusable.
@@ -52,6 +54,12 @@ type Config struct {
 	Agent nodeagent.Config
 	// Listen is the scheduler's gRPC address. Default 127.0.0.1:0 (a free port).
 	Listen string
+	// HTTPListen, when set, serves the REST/JSON gateway (scheduler/gateway)
+	// on this address; port 0 picks a free port. Empty: no gateway.
+	HTTPListen string
+	// HTTPListenFallback: when HTTPListen is taken, serve the gateway on a
+	// free port of the same host instead of failing.
+	HTTPListenFallback bool
 	// DataDir keeps etcd's data and the agents' state and logs across
 	// restarts. Empty means a temporary directory removed on Close.
 	DataDir string
@@ -66,6 +74,7 @@ type Cluster struct {
 	Endpoint string
 	DataDir  string
 
+	httpAddr string
 	cancel   context.CancelFunc
 	etcd     *embedetcd.Server
 	wg       sync.WaitGroup
@@ -106,7 +115,7 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	c := &Cluster{DataDir: cfg.DataDir, errs: make(chan error, 2+cfg.Nodes)}
+	c := &Cluster{DataDir: cfg.DataDir, errs: make(chan error, 3+cfg.Nodes)}
 	if c.DataDir == "" {
 		if c.DataDir, err = os.MkdirTemp("", "gpusched-dev-"); err != nil {
 			return nil, err
@@ -147,6 +156,12 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		}
 	}()
 
+	if cfg.HTTPListen != "" {
+		if err := c.startGateway(runCtx, cfg); err != nil {
+			return nil, err
+		}
+	}
+
 	width := len(fmt.Sprint(cfg.Nodes))
 	if width < 2 {
 		width = 2
@@ -185,11 +200,47 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	return c, nil
 }
 
+// startGateway serves the REST/JSON gateway in front of the scheduler: it
+// dials the scheduler's gRPC endpoint like any client, so REST calls pass
+// the same interceptors.
+func (c *Cluster) startGateway(ctx context.Context, cfg Config) error {
+	lis, err := net.Listen("tcp", cfg.HTTPListen)
+	if err != nil && cfg.HTTPListenFallback && errors.Is(err, syscall.EADDRINUSE) {
+		host, _, _ := net.SplitHostPort(cfg.HTTPListen)
+		cfg.Logger.Warn("REST/JSON gateway: address in use, taking a free port", zap.String("http_listen", cfg.HTTPListen))
+		lis, err = net.Listen("tcp", net.JoinHostPort(host, "0"))
+	}
+	if err != nil {
+		return fmt.Errorf("devcluster: REST/JSON gateway: listen on %s: %w", cfg.HTTPListen, err)
+	}
+	gw, err := gateway.New(gateway.Config{GRPCAddr: c.Endpoint, Logger: cfg.Logger.Named("gateway")})
+	if err != nil {
+		lis.Close()
+		return err
+	}
+	c.httpAddr = lis.Addr().String()
+	cfg.Logger.Info("REST/JSON gateway serving", zap.String("url", "http://"+c.httpAddr),
+		zap.String("openapi", "http://"+c.httpAddr+gateway.OpenAPIPath))
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer gw.Close()
+		if err := gw.Serve(ctx, lis); err != nil {
+			c.errs <- fmt.Errorf("REST/JSON gateway: %w", err)
+		}
+	}()
+	return nil
+}
+
+// HTTPAddr is the REST/JSON gateway's address (host:port), or "" when
+// Config.HTTPListen was empty.
+func (c *Cluster) HTTPAddr() string { return c.httpAddr }
+
 // Err returns a channel that yields the first component failure.
 func (c *Cluster) Err() <-chan error { return c.errs }
 
-// Close stops agents (and every command they run), the scheduler and etcd,
-// in that order, and removes a temporary data dir.
+// Close stops agents (and every command they run), the REST/JSON gateway,
+// the scheduler and etcd, and removes a temporary data dir.
 func (c *Cluster) Close() {
 	if c.cancel != nil {
 		c.cancel()
