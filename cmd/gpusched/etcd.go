@@ -10,6 +10,8 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/gpusched/gpusched/internal/embedetcd"
 )
 
 // etcdFlags are the flags of `gpusched etcd`, named as etcd names them.
@@ -165,6 +167,7 @@ func (f *etcdFlags) config() (*embed.Config, error) {
 	ec.InitialClusterToken = f.initialClusterToken
 	ec.TickMs, ec.ElectionMs = f.heartbeatMs, f.electionMs
 	ec.UnsafeNoFsync = f.unsafeNoFsync
+	ec.AutoCompactionMode, ec.AutoCompactionRetention = embedetcd.CompactionMode, embedetcd.CompactionRetention
 	// etcd's logs go to stderr through our own zap logger, quiet by default.
 	zc := zap.NewProductionConfig()
 	zc.Encoding = "console"

@@ -70,6 +70,9 @@ func Start(cfg Config) (*Server, error) {
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 	ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
 	ec.UnsafeNoFsync = cfg.NoFsync
+	// Keep an hour of history: job watch cursors stay valid that long, and
+	// the database does not grow without bound.
+	ec.AutoCompactionMode, ec.AutoCompactionRetention = CompactionMode, CompactionRetention
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(cfg.Logger.Named("etcd"))
 	// A restart on the same data dir must keep the data: a member that
 	// already has a WAL rejoins rather than bootstrapping anew.
@@ -116,3 +119,11 @@ func freePort(host string) (int, error) {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
+
+// History retention of every etcd gpusched runs (embedded, or `gpusched
+// etcd`): periodic compaction keeping an hour, so a job watch can resume
+// from a cursor up to an hour old.
+const (
+	CompactionMode      = "periodic"
+	CompactionRetention = "1h"
+)
