@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
+	"syscall"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -53,6 +55,23 @@ func Start(cfg Config) (*Server, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("embedetcd: %w", err)
 	}
+	// A free port can be taken by another process between our probe and
+	// etcd's bind: pick new ports and try again.
+	for attempt := 1; ; attempt++ {
+		srv, err := start(cfg)
+		if err == nil || !addrInUse(err) || attempt == 5 {
+			return srv, err
+		}
+	}
+}
+
+// addrInUse recognises a bind failure; etcd does not always wrap the
+// syscall error, so its text is checked too.
+func addrInUse(err error) bool {
+	return errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")
+}
+
+func start(cfg Config) (*Server, error) {
 	clientPort, err := freePort(cfg.Host)
 	if err != nil {
 		return nil, err
