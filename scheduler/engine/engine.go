@@ -114,6 +114,10 @@ type Engine struct {
 	outbox    []outMsg
 	replies   []func()
 	needCycle bool
+	// newWork: jobs were submitted since the last cycle; the cycle they
+	// ask for is paced (see cyclePacer), unlike needCycle's.
+	newWork   bool
+	pacer     cyclePacer
 	deadlines deadlineHeap
 }
 
@@ -132,6 +136,7 @@ func New(cfg Config) *Engine {
 		events:  make(chan event, 8192),
 		stopped: make(chan struct{}),
 		loaded:  make(chan struct{}),
+		pacer:   newCyclePacer(),
 		jobs:    map[string]*model.Job{},
 		nodes:   map[string]*nodeEntry{},
 		leases:  map[string]*leaseEntry{},
@@ -185,6 +190,7 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 			return nil
 		case first = <-e.events:
 		case <-tick.C:
+		case <-e.pacer.C(): // a deferred placement cycle is due
 		}
 		if err := e.turn(ctx, first); err != nil {
 			if ctx.Err() != nil {
@@ -212,9 +218,12 @@ drain:
 		}
 	}
 	e.checkTimers()
-	if e.needCycle {
-		e.needCycle = false
+	if now := time.Now(); e.needCycle || (e.newWork && e.pacer.due(now)) {
+		e.needCycle, e.newWork = false, false
 		e.schedule()
+		e.pacer.ran(now, time.Now())
+	} else if e.newWork {
+		e.pacer.arm(now)
 	}
 	err := e.commit(ctx)
 	e.mu.Unlock()

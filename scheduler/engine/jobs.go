@@ -133,7 +133,7 @@ func (e *Engine) submit(it SubmitItem) SubmitResult {
 	e.jobs[id] = j
 	e.order = append(e.order, j)
 	e.queue.push(j)
-	e.needCycle = true
+	e.newWork = true
 	change := store.Change{Job: j}
 	if key != "" {
 		j.IdempotencyKey = key
