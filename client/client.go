@@ -338,18 +338,6 @@ func (c *Client) Undrain(ctx context.Context, node string) (*pb.Node, error) {
 	return resp.GetNode(), err
 }
 
-// WatchTelemetry streams GPU samples (recent history first unless
-// req.LiveOnly) until ctx ends or fn fails.
-func (c *Client) WatchTelemetry(ctx context.Context, req *pb.WatchTelemetryRequest, fn func(*pb.WatchTelemetryResponse) error) error {
-	return c.stream(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {
-		stream, err := pb.NewTelemetryServiceClient(conn).WatchTelemetry(ctx, req)
-		if err != nil {
-			return err
-		}
-		return recvAll(stream, fn)
-	})
-}
-
 // InjectFault injects a fault into a simulated node (dev and test only).
 func (c *Client) InjectFault(ctx context.Context, req *pb.InjectFaultRequest) error {
 	return c.call(ctx, func(ctx context.Context, conn *grpc.ClientConn) error {

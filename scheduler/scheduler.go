@@ -65,7 +65,7 @@ func New(cfg Config) *Scheduler {
 		cfg.Logger = zap.NewNop()
 	}
 	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now(),
-		telemetry: telemetry.New(0, 0)}
+		telemetry: telemetry.New(telemetry.Options{})}
 }
 
 // Name is the replica's name in the election.
@@ -169,7 +169,8 @@ func (s *Scheduler) term(ctx context.Context) error {
 		}
 	}()
 	ecfg := s.cfg.Engine
-	ecfg.Store, ecfg.Logger, ecfg.Telemetry = s.store, s.log, s.telemetry.Publish
+	ecfg.Store, ecfg.Logger = s.store, s.log
+	ecfg.Telemetry, ecfg.LeaseUsage = s.telemetry.Publish, s.telemetry.TakeLeaseUsage
 	ecfg.Fence = store.Fence{Key: el.Key(), Revision: el.Rev()}
 	eng := engine.New(ecfg)
 	s.log.Info("elected leader", zap.String("replica", s.cfg.Name), zap.Int64("token", el.Rev()))

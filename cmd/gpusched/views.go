@@ -313,8 +313,26 @@ func describeJob(w io.Writer, j *pb.Job) error {
 		}
 		t.row(label, fmt.Sprintf("%s rank %d: %s", x.GetNode(), x.GetRank(), how))
 	}
+	usageRows(t, j.GetLastLeaseSummary())
 	eventRows(t, j.GetEvents())
 	return t.flush()
+}
+
+// usageRows shows what a job's last ended lease used, under "Usage:".
+func usageRows(t *table, u *pb.LeaseSummary) {
+	if u == nil {
+		return
+	}
+	t.row("Usage:", fmt.Sprintf("lease %s: %.2f GPU-hours, %.1f Wh", u.GetLeaseId(), u.GetGpuHours(), u.GetEnergyWh()))
+	t.row("", fmt.Sprintf("GPU utilization mean %.1f%%, peak %d%%; peak memory used %.1f GiB",
+		u.GetMeanGpuUtil(), u.GetPeakGpuUtil(), float64(u.GetPeakFbUsedBytes())/(1<<30)))
+	t.row("", fmt.Sprintf("%d XID event(s), %d foreign GPU process event(s)", u.GetXidEvents(), u.GetForeignProcessEvents()))
+	if u.GetSamples() > 0 {
+		t.row("", fmt.Sprintf("from %d GPU samples, %s to %s", u.GetSamples(),
+			u.GetFirstSampleTime().AsTime().Local().Format(time.RFC3339), u.GetLastSampleTime().AsTime().Local().Format(time.RFC3339)))
+	} else {
+		t.row("", "no GPU samples received by the current leader")
+	}
 }
 
 // eventRows lists events, one per row, under an "Events:" label.

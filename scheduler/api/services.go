@@ -346,55 +346,6 @@ func (s *clusterServer) GetStatus(ctx context.Context, _ *pb.GetStatusRequest) (
 	return resp, toStatus(err)
 }
 
-// telemetryServer streams from the leader's hub (only the leader receives
-// agents' telemetry); a follower relays the leader's stream.
-type telemetryServer struct {
-	pb.UnimplementedTelemetryServiceServer
-	b Backend
-}
-
-var _ pb.TelemetryServiceServer = (*telemetryServer)(nil)
-
-func (s *telemetryServer) WatchTelemetry(req *pb.WatchTelemetryRequest, stream grpc.ServerStreamingServer[pb.WatchTelemetryResponse]) error {
-	ctx := stream.Context()
-	for i, n := range req.GetNodes() {
-		if err := model.ValidateID(fieldIndex("nodes", i), n); err != nil {
-			return toStatus(err)
-		}
-	}
-	if req.GetJobId() != "" {
-		if err := model.ValidateID("job_id", req.GetJobId()); err != nil {
-			return toStatus(err)
-		}
-	}
-	_, err := call(ctx, s.b, func(*engine.Engine) (struct{}, error) {
-		f := telemetry.Filter{Nodes: req.GetNodes(), JobID: req.GetJobId(), LiveOnly: req.GetLiveOnly()}
-		err := s.b.Telemetry.Watch(ctx, f, stream.Send)
-		if errors.Is(err, context.Canceled) && ctx.Err() != nil {
-			err = nil // the client hung up
-		}
-		return struct{}{}, err
-	}, func(ctx context.Context, conn *grpc.ClientConn) (struct{}, error) {
-		up, err := pb.NewTelemetryServiceClient(conn).WatchTelemetry(ctx, req)
-		if err != nil {
-			return struct{}{}, err
-		}
-		for {
-			r, err := up.Recv()
-			if err != nil {
-				if errors.Is(err, io.EOF) {
-					err = nil
-				}
-				return struct{}{}, err
-			}
-			if err := stream.Send(r); err != nil {
-				return struct{}{}, err
-			}
-		}
-	})
-	return err
-}
-
 // mockServer relays fault injection to simulated nodes.
 type mockServer struct {
 	pb.UnimplementedMockServiceServer

@@ -106,6 +106,7 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	var lastRecv atomic.Int64 // unix nanos of the last message
 	lastRecv.Store(time.Now().UnixNano())
 	go func() {
+		var tenantOf, tenant string // the last telemetry lease and its tenant
 		for {
 			msg, err := stream.Recv()
 			if err != nil {
@@ -118,10 +119,14 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 				continue
 			}
 			// Telemetry is high-rate and changes no state: it bypasses the
-			// loop and goes straight to the telemetry hub.
+			// loop and goes straight to the telemetry hub, stamped with the
+			// tenant of its lease (looked up once per lease change).
 			if b := msg.GetTelemetry(); b != nil {
 				if e.cfg.Telemetry != nil {
-					e.cfg.Telemetry(c.node, b)
+					if b.GetLeaseId() != tenantOf {
+						tenantOf, tenant = b.GetLeaseId(), e.leaseTenant(b.GetLeaseId())
+					}
+					e.cfg.Telemetry(c.node, tenant, b)
 				}
 				continue
 			}
@@ -341,7 +346,9 @@ func (ev *agentEvent) apply(e *Engine) {
 		}
 		e.needCycle = true
 	case *pb.ConnectRequest_NodeEvent:
-		e.nodeEvent(n, wire.EventFromProto(m.NodeEvent))
+		ev := wire.EventFromProto(m.NodeEvent)
+		e.nodeEvent(n, ev)
+		e.countLeaseEvent(n, ev)
 	case *pb.ConnectRequest_Health:
 		e.health(n, m.Health.GetHealthy(), m.Health.GetProblems())
 	}

@@ -43,8 +43,15 @@ type Config struct {
 	// nothing starves. Default 5m.
 	AgingStep time.Duration
 	// Telemetry receives every telemetry batch an agent reports (the
-	// replica's telemetry hub). Nil drops telemetry.
-	Telemetry func(node string, b *pb.TelemetryBatch)
+	// replica's telemetry hub), with the tenant of the lease the batch
+	// names (empty when none). It is called on the agent's receive path,
+	// not on the loop, and must not block. Nil drops telemetry.
+	Telemetry func(node, tenant string, b *pb.TelemetryBatch)
+	// LeaseUsage returns what the telemetry of a lease adds up to; it is
+	// called on the loop when the lease ends, and the result is stored in
+	// the lease's summary (the hub's TakeLeaseUsage). Nil: summaries hold
+	// GPU-hours and event counts only.
+	LeaseUsage func(leaseID string) model.TelemetryUsage
 }
 
 func (c *Config) setDefaults() {

@@ -307,6 +307,12 @@ func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
 	}
 	l := le.lease
 	l.Active, l.EndTime, l.EndReason = false, e.cfg.Now(), reason
+	var usage model.TelemetryUsage
+	if e.cfg.LeaseUsage != nil {
+		usage = e.cfg.LeaseUsage(l.ID)
+	}
+	l.Summary = l.Summarize(usage)
+	j.LastLeaseSummary = l.Summary
 	for _, ln := range l.Nodes {
 		n := e.nodes[ln.Node]
 		if n.lease == l.ID {
@@ -315,6 +321,37 @@ func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
 		e.release(ln.Node, l.ID, reason)
 	}
 	return l
+}
+
+// countLeaseEvent counts an XID or foreign-process event in the summary of
+// the active lease holding the node, persisted at once so the count
+// survives a failover.
+func (e *Engine) countLeaseEvent(n *nodeEntry, ev model.NodeEvent) {
+	id := ev.LeaseID
+	if id == "" {
+		id = n.lease
+	}
+	le := e.leases[id]
+	if le == nil || !le.lease.Active || le.rank(n.node.ID) < 0 {
+		return
+	}
+	if le.lease.Summary.CountEvent(ev.Kind) {
+		e.persist(store.Change{Lease: le.lease})
+	}
+}
+
+// leaseTenant returns the tenant of a lease ("" when unknown). Agents'
+// receive paths call it, off the loop.
+func (e *Engine) leaseTenant(id string) string {
+	if id == "" {
+		return ""
+	}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if le := e.leases[id]; le != nil {
+		return le.lease.Tenant
+	}
+	return ""
 }
 
 // nodeFailed handles losing one node of a job's lease through no fault of

@@ -123,6 +123,9 @@ type Job struct {
 	// Transitions is every state change, oldest first. Its length is
 	// bounded by the retry limit (at most 3 per lease plus the end).
 	Transitions []Transition
+	// LastLeaseSummary is what its last ended lease used; zero (empty
+	// LeaseID) until a lease of the job has ended.
+	LastLeaseSummary LeaseSummary
 }
 
 // Transition is one state change of a job. Seq counts a job's transitions

@@ -93,21 +93,22 @@ func JobSpecFromProto(s *pb.JobSpec) model.JobSpec {
 // JobToProto converts a job.
 func JobToProto(j *model.Job) *pb.Job {
 	out := &pb.Job{
-		Id:             j.ID,
-		Spec:           JobSpecToProto(j.Spec),
-		State:          pb.JobState(j.State),
-		Reason:         j.Reason,
-		LeaseId:        j.LeaseID,
-		Nodes:          j.Nodes,
-		CreateTime:     ts(j.CreateTime),
-		ScheduleTime:   ts(j.ScheduleTime),
-		StartTime:      ts(j.StartTime),
-		EndTime:        ts(j.EndTime),
-		Attempts:       int32(j.Attempts),
-		Retries:        int32(j.Retries),
-		Events:         eventsToProto(j.Events),
-		IdempotencyKey: j.IdempotencyKey,
-		Transitions:    TransitionsToProto(j.Transitions),
+		Id:               j.ID,
+		Spec:             JobSpecToProto(j.Spec),
+		State:            pb.JobState(j.State),
+		Reason:           j.Reason,
+		LeaseId:          j.LeaseID,
+		Nodes:            j.Nodes,
+		CreateTime:       ts(j.CreateTime),
+		ScheduleTime:     ts(j.ScheduleTime),
+		StartTime:        ts(j.StartTime),
+		EndTime:          ts(j.EndTime),
+		Attempts:         int32(j.Attempts),
+		Retries:          int32(j.Retries),
+		Events:           eventsToProto(j.Events),
+		IdempotencyKey:   j.IdempotencyKey,
+		Transitions:      TransitionsToProto(j.Transitions),
+		LastLeaseSummary: LeaseSummaryToProto(j.LastLeaseSummary),
 	}
 	for _, e := range j.Exits {
 		out.Exits = append(out.Exits, &pb.NodeExit{
@@ -136,20 +137,21 @@ func TransitionToProto(t model.Transition) *pb.JobTransition {
 // caller (the store), which owns the key layout.
 func JobFromProto(p *pb.Job) *model.Job {
 	j := &model.Job{
-		ID:             p.GetId(),
-		Spec:           JobSpecFromProto(p.GetSpec()),
-		State:          model.JobState(p.GetState()),
-		Reason:         p.GetReason(),
-		LeaseID:        p.GetLeaseId(),
-		Nodes:          p.GetNodes(),
-		CreateTime:     fromTS(p.GetCreateTime()),
-		ScheduleTime:   fromTS(p.GetScheduleTime()),
-		StartTime:      fromTS(p.GetStartTime()),
-		EndTime:        fromTS(p.GetEndTime()),
-		Attempts:       int(p.GetAttempts()),
-		Retries:        int(p.GetRetries()),
-		Events:         eventsFromProto(p.GetEvents()),
-		IdempotencyKey: p.GetIdempotencyKey(),
+		ID:               p.GetId(),
+		Spec:             JobSpecFromProto(p.GetSpec()),
+		State:            model.JobState(p.GetState()),
+		Reason:           p.GetReason(),
+		LeaseID:          p.GetLeaseId(),
+		Nodes:            p.GetNodes(),
+		CreateTime:       fromTS(p.GetCreateTime()),
+		ScheduleTime:     fromTS(p.GetScheduleTime()),
+		StartTime:        fromTS(p.GetStartTime()),
+		EndTime:          fromTS(p.GetEndTime()),
+		Attempts:         int(p.GetAttempts()),
+		Retries:          int(p.GetRetries()),
+		Events:           eventsFromProto(p.GetEvents()),
+		IdempotencyKey:   p.GetIdempotencyKey(),
+		LastLeaseSummary: LeaseSummaryFromProto(p.GetLastLeaseSummary()),
 	}
 	for _, t := range p.GetTransitions() {
 		j.Transitions = append(j.Transitions, model.Transition{Seq: int(t.GetSeq()), State: model.JobState(t.GetState()), Time: fromTS(t.GetTime()), Reason: t.GetReason()})
@@ -252,6 +254,7 @@ func LeaseToProto(l *model.Lease) *pb.Lease {
 		StartTime:    ts(l.StartTime),
 		EndTime:      ts(l.EndTime),
 		EndReason:    l.EndReason,
+		Summary:      LeaseSummaryToProto(l.Summary),
 	}
 	if l.Active {
 		out.State = pb.LeaseState_LEASE_STATE_ACTIVE
@@ -276,6 +279,7 @@ func LeaseFromProto(p *pb.Lease) *model.Lease {
 		StartTime:    fromTS(p.GetStartTime()),
 		EndTime:      fromTS(p.GetEndTime()),
 		EndReason:    p.GetEndReason(),
+		Summary:      LeaseSummaryFromProto(p.GetSummary()),
 	}
 	for _, n := range p.GetNodes() {
 		l.Nodes = append(l.Nodes, model.LeaseNode{

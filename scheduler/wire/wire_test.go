@@ -57,6 +57,10 @@ func TestJobRoundTrip(t *testing.T) {
 			Exits:    []model.NodeExit{{Node: "n1", ExitCode: -1, Signal: "SIGKILL", Message: "killed by SIGKILL", Time: at(5, 0)}},
 			Attempts: 1, EndTime: at(6, 0),
 		}},
+		{"a job whose last lease left a summary", &model.Job{
+			ID: "8", Spec: model.JobSpec{Tenant: "t", Nodes: 1, Command: []string{"x"}},
+			State: model.JobSucceeded, LeaseID: "8.1", Attempts: 1, LastLeaseSummary: summary("8.1"),
+		}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -65,6 +69,17 @@ func TestJobRoundTrip(t *testing.T) {
 				t.Fatalf("round trip changed the job:\n got %+v\nwant %+v", got, c.job)
 			}
 		})
+	}
+}
+
+// summary is a complete lease summary with every field set.
+func summary(lease string) model.LeaseSummary {
+	return model.LeaseSummary{
+		LeaseID: lease, GPUHours: 16, XIDEvents: 3, ForeignProcessEvents: 4,
+		TelemetryUsage: model.TelemetryUsage{
+			Samples: 960, FirstSample: at(1, 5), LastSample: at(59, 0),
+			MeanGPUUtil: 87.5, PeakGPUUtil: 100, PeakFBUsedBytes: 80 << 30, EnergyWh: 1234.5,
+		},
 	}
 }
 
@@ -145,6 +160,14 @@ func TestLeaseRoundTrip(t *testing.T) {
 			ID: "42.2", JobID: "42", Tenant: "acme", FencingToken: 99, StartTime: at(1, 0), EndTime: at(50, 5),
 			EndReason: "TIMED_OUT: exceeded time limit 1h0m0s",
 			Nodes:     []model.LeaseNode{{Node: "n1", GPUModel: "A100", GPUCount: 4, GPUUUIDs: []string{"GPU-9"}}},
+		}, pb.LeaseState_LEASE_STATE_ENDED},
+		{"an active lease that counted events", &model.Lease{
+			ID: "5.1", JobID: "5", Tenant: "t", Active: true, StartTime: at(1, 0),
+			Summary: model.LeaseSummary{XIDEvents: 2, ForeignProcessEvents: 1},
+		}, pb.LeaseState_LEASE_STATE_ACTIVE},
+		{"an ended lease with its summary", &model.Lease{
+			ID: "5.2", JobID: "5", Tenant: "t", StartTime: at(1, 0), EndTime: at(3, 0),
+			Summary: summary("5.2"),
 		}, pb.LeaseState_LEASE_STATE_ENDED},
 	}
 	for _, c := range cases {

@@ -482,9 +482,13 @@ type Job struct {
 	// The idempotency key it was submitted with, if any.
 	IdempotencyKey string `protobuf:"bytes,15,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	// Every state change, oldest first; the first is PENDING at submission.
-	Transitions   []*JobTransition `protobuf:"bytes,16,rep,name=transitions,proto3" json:"transitions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Transitions []*JobTransition `protobuf:"bytes,16,rep,name=transitions,proto3" json:"transitions,omitempty"`
+	// What the job's last ended lease used (GPU-hours, utilization, energy,
+	// events); unset until a lease of the job has ended. A requeued job's
+	// earlier leases keep their own summaries.
+	LastLeaseSummary *LeaseSummary `protobuf:"bytes,17,opt,name=last_lease_summary,json=lastLeaseSummary,proto3" json:"last_lease_summary,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Job) Reset() {
@@ -629,6 +633,13 @@ func (x *Job) GetTransitions() []*JobTransition {
 	return nil
 }
 
+func (x *Job) GetLastLeaseSummary() *LeaseSummary {
+	if x != nil {
+		return x.LastLeaseSummary
+	}
+	return nil
+}
+
 // IdempotencyRecord maps a tenant's idempotency key to the job it created
 // (stored under <prefix>/idem/<tenant>/<key> until it expires).
 type IdempotencyRecord struct {
@@ -703,7 +714,7 @@ var File_gpusched_v1_job_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\n" +
-	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"\xb2\x06\n" +
+	"\x15gpusched/v1/job.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gpusched/v1/lease.proto\x1a\x16gpusched/v1/node.proto\"\xb2\x06\n" +
 	"\aJobSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12\x14\n" +
@@ -746,7 +757,7 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\texit_code\x18\x03 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06signal\x18\x04 \x01(\tR\x06signal\x12\x18\n" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12.\n" +
-	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x9f\x05\n" +
+	"\x04time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xe8\x05\n" +
 	"\x03Job\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12(\n" +
 	"\x04spec\x18\x02 \x01(\v2\x14.gpusched.v1.JobSpecR\x04spec\x12+\n" +
@@ -766,7 +777,8 @@ const file_gpusched_v1_job_proto_rawDesc = "" +
 	"\aretries\x18\r \x01(\x05R\aretries\x12.\n" +
 	"\x06events\x18\x0e \x03(\v2\x16.gpusched.v1.NodeEventR\x06events\x12'\n" +
 	"\x0fidempotency_key\x18\x0f \x01(\tR\x0eidempotencyKey\x12<\n" +
-	"\vtransitions\x18\x10 \x03(\v2\x1a.gpusched.v1.JobTransitionR\vtransitions\"\x91\x01\n" +
+	"\vtransitions\x18\x10 \x03(\v2\x1a.gpusched.v1.JobTransitionR\vtransitions\x12G\n" +
+	"\x12last_lease_summary\x18\x11 \x01(\v2\x19.gpusched.v1.LeaseSummaryR\x10lastLeaseSummary\"\x91\x01\n" +
 	"\x11IdempotencyRecord\x12\x16\n" +
 	"\x06tenant\x18\x01 \x01(\tR\x06tenant\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x15\n" +
@@ -811,6 +823,7 @@ var file_gpusched_v1_job_proto_goTypes = []any{
 	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
 	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
 	(*NodeEvent)(nil),             // 11: gpusched.v1.NodeEvent
+	(*LeaseSummary)(nil),          // 12: gpusched.v1.LeaseSummary
 }
 var file_gpusched_v1_job_proto_depIdxs = []int32{
 	6,  // 0: gpusched.v1.JobSpec.env:type_name -> gpusched.v1.JobSpec.EnvEntry
@@ -829,12 +842,13 @@ var file_gpusched_v1_job_proto_depIdxs = []int32{
 	3,  // 13: gpusched.v1.Job.exits:type_name -> gpusched.v1.NodeExit
 	11, // 14: gpusched.v1.Job.events:type_name -> gpusched.v1.NodeEvent
 	2,  // 15: gpusched.v1.Job.transitions:type_name -> gpusched.v1.JobTransition
-	10, // 16: gpusched.v1.IdempotencyRecord.create_time:type_name -> google.protobuf.Timestamp
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	12, // 16: gpusched.v1.Job.last_lease_summary:type_name -> gpusched.v1.LeaseSummary
+	10, // 17: gpusched.v1.IdempotencyRecord.create_time:type_name -> google.protobuf.Timestamp
+	18, // [18:18] is the sub-list for method output_type
+	18, // [18:18] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_job_proto_init() }
@@ -842,6 +856,7 @@ func file_gpusched_v1_job_proto_init() {
 	if File_gpusched_v1_job_proto != nil {
 		return
 	}
+	file_gpusched_v1_lease_proto_init()
 	file_gpusched_v1_node_proto_init()
 	file_gpusched_v1_job_proto_msgTypes[0].OneofWrappers = []any{}
 	type x struct{}

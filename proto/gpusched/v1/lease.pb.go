@@ -174,7 +174,10 @@ type Lease struct {
 	StartTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	EndTime      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Why the lease ended (job outcome, cancel, time limit).
-	EndReason     string `protobuf:"bytes,9,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"`
+	EndReason string `protobuf:"bytes,9,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"`
+	// What the lease used. While it is active only the event counts are
+	// kept up to date; the rest is filled in when it ends.
+	Summary       *LeaseSummary `protobuf:"bytes,10,opt,name=summary,proto3" json:"summary,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -272,6 +275,157 @@ func (x *Lease) GetEndReason() string {
 	return ""
 }
 
+func (x *Lease) GetSummary() *LeaseSummary {
+	if x != nil {
+		return x.Summary
+	}
+	return nil
+}
+
+// LeaseSummary is what one lease used, computed by the leader when the
+// lease ends and stored with it. The utilization, memory and energy
+// figures come from the telemetry the leader received in memory: samples
+// received by a previous leader before a failover are not included (see
+// samples and first_sample_time for what they cover). GPU-hours and the
+// event counts are exact across failovers.
+type LeaseSummary struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The lease summarized.
+	LeaseId string `protobuf:"bytes,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// GPU count of every node of the lease times the lease's duration, in
+	// hours: what the lease is metered by.
+	GpuHours float64 `protobuf:"fixed64,2,opt,name=gpu_hours,json=gpuHours,proto3" json:"gpu_hours,omitempty"`
+	// Mean DCGM_FI_DEV_GPU_UTIL over every GPU sample of the lease, percent.
+	MeanGpuUtil float64 `protobuf:"fixed64,3,opt,name=mean_gpu_util,json=meanGpuUtil,proto3" json:"mean_gpu_util,omitempty"`
+	// Highest GPU utilization any GPU of the lease reported, percent.
+	PeakGpuUtil uint32 `protobuf:"varint,4,opt,name=peak_gpu_util,json=peakGpuUtil,proto3" json:"peak_gpu_util,omitempty"`
+	// Highest framebuffer memory used on any one GPU of the lease, bytes.
+	PeakFbUsedBytes uint64 `protobuf:"varint,5,opt,name=peak_fb_used_bytes,json=peakFbUsedBytes,proto3" json:"peak_fb_used_bytes,omitempty"`
+	// Energy of the lease's GPUs in watt-hours: each GPU's power integrated
+	// over time (trapezoids between consecutive samples; gaps longer than a
+	// minute are left out).
+	EnergyWh float64 `protobuf:"fixed64,6,opt,name=energy_wh,json=energyWh,proto3" json:"energy_wh,omitempty"`
+	// XID events seen on the lease's nodes while it held them.
+	XidEvents uint32 `protobuf:"varint,7,opt,name=xid_events,json=xidEvents,proto3" json:"xid_events,omitempty"`
+	// Exclusivity violations (foreign GPU processes) seen on the lease's
+	// nodes while it held them.
+	ForeignProcessEvents uint32 `protobuf:"varint,8,opt,name=foreign_process_events,json=foreignProcessEvents,proto3" json:"foreign_process_events,omitempty"`
+	// Number of GPU samples the utilization, memory and energy figures come
+	// from, and the time span they cover.
+	Samples         uint64                 `protobuf:"varint,9,opt,name=samples,proto3" json:"samples,omitempty"`
+	FirstSampleTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=first_sample_time,json=firstSampleTime,proto3" json:"first_sample_time,omitempty"`
+	LastSampleTime  *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=last_sample_time,json=lastSampleTime,proto3" json:"last_sample_time,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *LeaseSummary) Reset() {
+	*x = LeaseSummary{}
+	mi := &file_gpusched_v1_lease_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseSummary) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseSummary) ProtoMessage() {}
+
+func (x *LeaseSummary) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_lease_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseSummary.ProtoReflect.Descriptor instead.
+func (*LeaseSummary) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_lease_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *LeaseSummary) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *LeaseSummary) GetGpuHours() float64 {
+	if x != nil {
+		return x.GpuHours
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetMeanGpuUtil() float64 {
+	if x != nil {
+		return x.MeanGpuUtil
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetPeakGpuUtil() uint32 {
+	if x != nil {
+		return x.PeakGpuUtil
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetPeakFbUsedBytes() uint64 {
+	if x != nil {
+		return x.PeakFbUsedBytes
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetEnergyWh() float64 {
+	if x != nil {
+		return x.EnergyWh
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetXidEvents() uint32 {
+	if x != nil {
+		return x.XidEvents
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetForeignProcessEvents() uint32 {
+	if x != nil {
+		return x.ForeignProcessEvents
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetSamples() uint64 {
+	if x != nil {
+		return x.Samples
+	}
+	return 0
+}
+
+func (x *LeaseSummary) GetFirstSampleTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FirstSampleTime
+	}
+	return nil
+}
+
+func (x *LeaseSummary) GetLastSampleTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSampleTime
+	}
+	return nil
+}
+
 var File_gpusched_v1_lease_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_lease_proto_rawDesc = "" +
@@ -283,7 +437,7 @@ const file_gpusched_v1_lease_proto_rawDesc = "" +
 	"\tgpu_model\x18\x03 \x01(\tR\bgpuModel\x12\x1b\n" +
 	"\tgpu_count\x18\x04 \x01(\x05R\bgpuCount\x12\x1b\n" +
 	"\tgpu_uuids\x18\x05 \x03(\tR\bgpuUuids\x12\x18\n" +
-	"\acleanup\x18\x06 \x01(\tR\acleanup\"\xd9\x02\n" +
+	"\acleanup\x18\x06 \x01(\tR\acleanup\"\x8e\x03\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x15\n" +
 	"\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x16\n" +
@@ -295,7 +449,23 @@ const file_gpusched_v1_lease_proto_rawDesc = "" +
 	"start_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
 	"\bend_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x1d\n" +
 	"\n" +
-	"end_reason\x18\t \x01(\tR\tendReason*X\n" +
+	"end_reason\x18\t \x01(\tR\tendReason\x123\n" +
+	"\asummary\x18\n" +
+	" \x01(\v2\x19.gpusched.v1.LeaseSummaryR\asummary\"\xd5\x03\n" +
+	"\fLeaseSummary\x12\x19\n" +
+	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x1b\n" +
+	"\tgpu_hours\x18\x02 \x01(\x01R\bgpuHours\x12\"\n" +
+	"\rmean_gpu_util\x18\x03 \x01(\x01R\vmeanGpuUtil\x12\"\n" +
+	"\rpeak_gpu_util\x18\x04 \x01(\rR\vpeakGpuUtil\x12+\n" +
+	"\x12peak_fb_used_bytes\x18\x05 \x01(\x04R\x0fpeakFbUsedBytes\x12\x1b\n" +
+	"\tenergy_wh\x18\x06 \x01(\x01R\benergyWh\x12\x1d\n" +
+	"\n" +
+	"xid_events\x18\a \x01(\rR\txidEvents\x124\n" +
+	"\x16foreign_process_events\x18\b \x01(\rR\x14foreignProcessEvents\x12\x18\n" +
+	"\asamples\x18\t \x01(\x04R\asamples\x12F\n" +
+	"\x11first_sample_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\x0ffirstSampleTime\x12D\n" +
+	"\x10last_sample_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x0elastSampleTime*X\n" +
 	"\n" +
 	"LeaseState\x12\x1b\n" +
 	"\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
@@ -317,23 +487,27 @@ func file_gpusched_v1_lease_proto_rawDescGZIP() []byte {
 }
 
 var file_gpusched_v1_lease_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_gpusched_v1_lease_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_gpusched_v1_lease_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_gpusched_v1_lease_proto_goTypes = []any{
 	(LeaseState)(0),               // 0: gpusched.v1.LeaseState
 	(*LeaseNode)(nil),             // 1: gpusched.v1.LeaseNode
 	(*Lease)(nil),                 // 2: gpusched.v1.Lease
-	(*timestamppb.Timestamp)(nil), // 3: google.protobuf.Timestamp
+	(*LeaseSummary)(nil),          // 3: gpusched.v1.LeaseSummary
+	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
 }
 var file_gpusched_v1_lease_proto_depIdxs = []int32{
 	1, // 0: gpusched.v1.Lease.nodes:type_name -> gpusched.v1.LeaseNode
 	0, // 1: gpusched.v1.Lease.state:type_name -> gpusched.v1.LeaseState
-	3, // 2: gpusched.v1.Lease.start_time:type_name -> google.protobuf.Timestamp
-	3, // 3: gpusched.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	4, // 2: gpusched.v1.Lease.start_time:type_name -> google.protobuf.Timestamp
+	4, // 3: gpusched.v1.Lease.end_time:type_name -> google.protobuf.Timestamp
+	3, // 4: gpusched.v1.Lease.summary:type_name -> gpusched.v1.LeaseSummary
+	4, // 5: gpusched.v1.LeaseSummary.first_sample_time:type_name -> google.protobuf.Timestamp
+	4, // 6: gpusched.v1.LeaseSummary.last_sample_time:type_name -> google.protobuf.Timestamp
+	7, // [7:7] is the sub-list for method output_type
+	7, // [7:7] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_lease_proto_init() }
@@ -347,7 +521,7 @@ func file_gpusched_v1_lease_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_lease_proto_rawDesc), len(file_gpusched_v1_lease_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   2,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

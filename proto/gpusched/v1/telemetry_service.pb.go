@@ -9,6 +9,7 @@ package gpuschedv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -171,11 +172,436 @@ func (x *WatchTelemetryResponse) GetDropped() uint64 {
 	return 0
 }
 
+// TelemetrySample is one GPU sample with where and when it was taken and
+// which lease, job and tenant held the node then.
+type TelemetrySample struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	Time  *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	// Empty when no lease held the node.
+	LeaseId string `protobuf:"bytes,3,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	JobId   string `protobuf:"bytes,4,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	Tenant  string `protobuf:"bytes,5,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// The sample; with fields requested, only those (and gpu) are set.
+	Sample        *GpuSample `protobuf:"bytes,6,opt,name=sample,proto3" json:"sample,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TelemetrySample) Reset() {
+	*x = TelemetrySample{}
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TelemetrySample) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TelemetrySample) ProtoMessage() {}
+
+func (x *TelemetrySample) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TelemetrySample.ProtoReflect.Descriptor instead.
+func (*TelemetrySample) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_telemetry_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TelemetrySample) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *TelemetrySample) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *TelemetrySample) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *TelemetrySample) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *TelemetrySample) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *TelemetrySample) GetSample() *GpuSample {
+	if x != nil {
+		return x.Sample
+	}
+	return nil
+}
+
+// StreamTelemetryRequest selects what StreamTelemetry sends. Filters
+// combine with AND; a list matches any of its entries; empty matches all.
+type StreamTelemetryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only these nodes.
+	Nodes []string `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	// Only samples taken while one of these jobs held the node.
+	JobIds []string `protobuf:"bytes,2,rep,name=job_ids,json=jobIds,proto3" json:"job_ids,omitempty"`
+	// Only samples taken while one of these leases held the node.
+	LeaseIds []string `protobuf:"bytes,3,rep,name=lease_ids,json=leaseIds,proto3" json:"lease_ids,omitempty"`
+	// Only samples taken while a lease of this tenant held the node.
+	Tenant string `protobuf:"bytes,4,opt,name=tenant,proto3" json:"tenant,omitempty"`
+	// GpuSample fields to fill in, by name (e.g. "gpu_util",
+	// "fb_used_bytes", "power_usage_milliwatts"); gpu is always set. Empty
+	// means every field.
+	Fields []string `protobuf:"bytes,5,rep,name=fields,proto3" json:"fields,omitempty"`
+	// At most one sample per GPU per interval of this length (the first one
+	// taken in each interval, intervals aligned to the sample clock). Unset
+	// or zero sends every sample.
+	Every         *durationpb.Duration `protobuf:"bytes,6,opt,name=every,proto3" json:"every,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamTelemetryRequest) Reset() {
+	*x = StreamTelemetryRequest{}
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamTelemetryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamTelemetryRequest) ProtoMessage() {}
+
+func (x *StreamTelemetryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamTelemetryRequest.ProtoReflect.Descriptor instead.
+func (*StreamTelemetryRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_telemetry_service_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *StreamTelemetryRequest) GetNodes() []string {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *StreamTelemetryRequest) GetJobIds() []string {
+	if x != nil {
+		return x.JobIds
+	}
+	return nil
+}
+
+func (x *StreamTelemetryRequest) GetLeaseIds() []string {
+	if x != nil {
+		return x.LeaseIds
+	}
+	return nil
+}
+
+func (x *StreamTelemetryRequest) GetTenant() string {
+	if x != nil {
+		return x.Tenant
+	}
+	return ""
+}
+
+func (x *StreamTelemetryRequest) GetFields() []string {
+	if x != nil {
+		return x.Fields
+	}
+	return nil
+}
+
+func (x *StreamTelemetryRequest) GetEvery() *durationpb.Duration {
+	if x != nil {
+		return x.Every
+	}
+	return nil
+}
+
+// StreamTelemetryResponse is a group of samples: part of the snapshot, or
+// live ones in the order they arrived.
+type StreamTelemetryResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Samples []*TelemetrySample     `protobuf:"bytes,1,rep,name=samples,proto3" json:"samples,omitempty"`
+	// The samples are part of the initial snapshot: the latest sample of
+	// every matching GPU the leader knows.
+	Snapshot bool `protobuf:"varint,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	// The last message of the snapshot (sent, possibly without samples,
+	// even when nothing matched): every later message is live.
+	SnapshotComplete bool `protobuf:"varint,3,opt,name=snapshot_complete,json=snapshotComplete,proto3" json:"snapshot_complete,omitempty"`
+	// Samples this subscriber missed since its previous message because it
+	// read too slowly (the oldest are dropped).
+	Dropped uint64 `protobuf:"varint,4,opt,name=dropped,proto3" json:"dropped,omitempty"`
+	// Samples missed since the stream began.
+	DroppedTotal  uint64 `protobuf:"varint,5,opt,name=dropped_total,json=droppedTotal,proto3" json:"dropped_total,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamTelemetryResponse) Reset() {
+	*x = StreamTelemetryResponse{}
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamTelemetryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamTelemetryResponse) ProtoMessage() {}
+
+func (x *StreamTelemetryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamTelemetryResponse.ProtoReflect.Descriptor instead.
+func (*StreamTelemetryResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_telemetry_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *StreamTelemetryResponse) GetSamples() []*TelemetrySample {
+	if x != nil {
+		return x.Samples
+	}
+	return nil
+}
+
+func (x *StreamTelemetryResponse) GetSnapshot() bool {
+	if x != nil {
+		return x.Snapshot
+	}
+	return false
+}
+
+func (x *StreamTelemetryResponse) GetSnapshotComplete() bool {
+	if x != nil {
+		return x.SnapshotComplete
+	}
+	return false
+}
+
+func (x *StreamTelemetryResponse) GetDropped() uint64 {
+	if x != nil {
+		return x.Dropped
+	}
+	return 0
+}
+
+func (x *StreamTelemetryResponse) GetDroppedTotal() uint64 {
+	if x != nil {
+		return x.DroppedTotal
+	}
+	return 0
+}
+
+// GetTelemetryRequest selects a recent history. At least one of node,
+// job_id and lease_id is required; they combine with AND.
+type GetTelemetryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The node whose samples are wanted.
+	Node string `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// Only samples taken while this job held its nodes.
+	JobId string `protobuf:"bytes,2,opt,name=job_id,json=jobId,proto3" json:"job_id,omitempty"`
+	// Only samples taken while this lease held its nodes.
+	LeaseId string `protobuf:"bytes,3,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	// GpuSample fields to fill in, as in StreamTelemetryRequest.
+	Fields []string `protobuf:"bytes,4,rep,name=fields,proto3" json:"fields,omitempty"`
+	// At most one sample per GPU per interval, as in StreamTelemetryRequest.
+	Every *durationpb.Duration `protobuf:"bytes,5,opt,name=every,proto3" json:"every,omitempty"`
+	// Only samples taken at or after this time.
+	Since *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=since,proto3" json:"since,omitempty"`
+	// At most this many samples, the newest kept; 0 means 5000. At most
+	// 20000.
+	Limit         int32 `protobuf:"varint,7,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTelemetryRequest) Reset() {
+	*x = GetTelemetryRequest{}
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTelemetryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTelemetryRequest) ProtoMessage() {}
+
+func (x *GetTelemetryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTelemetryRequest.ProtoReflect.Descriptor instead.
+func (*GetTelemetryRequest) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_telemetry_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *GetTelemetryRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *GetTelemetryRequest) GetJobId() string {
+	if x != nil {
+		return x.JobId
+	}
+	return ""
+}
+
+func (x *GetTelemetryRequest) GetLeaseId() string {
+	if x != nil {
+		return x.LeaseId
+	}
+	return ""
+}
+
+func (x *GetTelemetryRequest) GetFields() []string {
+	if x != nil {
+		return x.Fields
+	}
+	return nil
+}
+
+func (x *GetTelemetryRequest) GetEvery() *durationpb.Duration {
+	if x != nil {
+		return x.Every
+	}
+	return nil
+}
+
+func (x *GetTelemetryRequest) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
+func (x *GetTelemetryRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+// GetTelemetryResponse is a recent history, oldest first.
+type GetTelemetryResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Samples []*TelemetrySample     `protobuf:"bytes,1,rep,name=samples,proto3" json:"samples,omitempty"`
+	// More samples matched than the limit allowed: the oldest were left out.
+	Truncated     bool `protobuf:"varint,2,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTelemetryResponse) Reset() {
+	*x = GetTelemetryResponse{}
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTelemetryResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTelemetryResponse) ProtoMessage() {}
+
+func (x *GetTelemetryResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gpusched_v1_telemetry_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTelemetryResponse.ProtoReflect.Descriptor instead.
+func (*GetTelemetryResponse) Descriptor() ([]byte, []int) {
+	return file_gpusched_v1_telemetry_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GetTelemetryResponse) GetSamples() []*TelemetrySample {
+	if x != nil {
+		return x.Samples
+	}
+	return nil
+}
+
+func (x *GetTelemetryResponse) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
 var File_gpusched_v1_telemetry_service_proto protoreflect.FileDescriptor
 
 const file_gpusched_v1_telemetry_service_proto_rawDesc = "" +
 	"\n" +
-	"#gpusched/v1/telemetry_service.proto\x12\vgpusched.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"a\n" +
+	"#gpusched/v1/telemetry_service.proto\x12\vgpusched.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16gpusched/v1/node.proto\"a\n" +
 	"\x15WatchTelemetryRequest\x12\x14\n" +
 	"\x05nodes\x18\x01 \x03(\tR\x05nodes\x12\x15\n" +
 	"\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x1b\n" +
@@ -186,9 +612,42 @@ const file_gpusched_v1_telemetry_service_proto_rawDesc = "" +
 	"\blease_id\x18\x03 \x01(\tR\aleaseId\x12\x15\n" +
 	"\x06job_id\x18\x04 \x01(\tR\x05jobId\x12.\n" +
 	"\x06sample\x18\x05 \x01(\v2\x16.gpusched.v1.GpuSampleR\x06sample\x12\x18\n" +
-	"\adropped\x18\x06 \x01(\x04R\adropped2o\n" +
+	"\adropped\x18\x06 \x01(\x04R\adropped\"\xcf\x01\n" +
+	"\x0fTelemetrySample\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x19\n" +
+	"\blease_id\x18\x03 \x01(\tR\aleaseId\x12\x15\n" +
+	"\x06job_id\x18\x04 \x01(\tR\x05jobId\x12\x16\n" +
+	"\x06tenant\x18\x05 \x01(\tR\x06tenant\x12.\n" +
+	"\x06sample\x18\x06 \x01(\v2\x16.gpusched.v1.GpuSampleR\x06sample\"\xc5\x01\n" +
+	"\x16StreamTelemetryRequest\x12\x14\n" +
+	"\x05nodes\x18\x01 \x03(\tR\x05nodes\x12\x17\n" +
+	"\ajob_ids\x18\x02 \x03(\tR\x06jobIds\x12\x1b\n" +
+	"\tlease_ids\x18\x03 \x03(\tR\bleaseIds\x12\x16\n" +
+	"\x06tenant\x18\x04 \x01(\tR\x06tenant\x12\x16\n" +
+	"\x06fields\x18\x05 \x03(\tR\x06fields\x12/\n" +
+	"\x05every\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x05every\"\xd9\x01\n" +
+	"\x17StreamTelemetryResponse\x126\n" +
+	"\asamples\x18\x01 \x03(\v2\x1c.gpusched.v1.TelemetrySampleR\asamples\x12\x1a\n" +
+	"\bsnapshot\x18\x02 \x01(\bR\bsnapshot\x12+\n" +
+	"\x11snapshot_complete\x18\x03 \x01(\bR\x10snapshotComplete\x12\x18\n" +
+	"\adropped\x18\x04 \x01(\x04R\adropped\x12#\n" +
+	"\rdropped_total\x18\x05 \x01(\x04R\fdroppedTotal\"\xec\x01\n" +
+	"\x13GetTelemetryRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12\x15\n" +
+	"\x06job_id\x18\x02 \x01(\tR\x05jobId\x12\x19\n" +
+	"\blease_id\x18\x03 \x01(\tR\aleaseId\x12\x16\n" +
+	"\x06fields\x18\x04 \x03(\tR\x06fields\x12/\n" +
+	"\x05every\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x05every\x120\n" +
+	"\x05since\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12\x14\n" +
+	"\x05limit\x18\a \x01(\x05R\x05limit\"l\n" +
+	"\x14GetTelemetryResponse\x126\n" +
+	"\asamples\x18\x01 \x03(\v2\x1c.gpusched.v1.TelemetrySampleR\asamples\x12\x1c\n" +
+	"\ttruncated\x18\x02 \x01(\bR\ttruncated2\xa4\x02\n" +
 	"\x10TelemetryService\x12[\n" +
-	"\x0eWatchTelemetry\x12\".gpusched.v1.WatchTelemetryRequest\x1a#.gpusched.v1.WatchTelemetryResponse0\x01B\xb0\x01\n" +
+	"\x0eWatchTelemetry\x12\".gpusched.v1.WatchTelemetryRequest\x1a#.gpusched.v1.WatchTelemetryResponse0\x01\x12^\n" +
+	"\x0fStreamTelemetry\x12#.gpusched.v1.StreamTelemetryRequest\x1a$.gpusched.v1.StreamTelemetryResponse0\x01\x12S\n" +
+	"\fGetTelemetry\x12 .gpusched.v1.GetTelemetryRequest\x1a!.gpusched.v1.GetTelemetryResponseB\xb0\x01\n" +
 	"\x0fcom.gpusched.v1B\x15TelemetryServiceProtoP\x01Z9github.com/gpusched/gpusched/proto/gpusched/v1;gpuschedv1\xa2\x02\x03GXX\xaa\x02\vGpusched.V1\xca\x02\vGpusched\\V1\xe2\x02\x17Gpusched\\V1\\GPBMetadata\xea\x02\fGpusched::V1b\x06proto3"
 
 var (
@@ -203,23 +662,40 @@ func file_gpusched_v1_telemetry_service_proto_rawDescGZIP() []byte {
 	return file_gpusched_v1_telemetry_service_proto_rawDescData
 }
 
-var file_gpusched_v1_telemetry_service_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_gpusched_v1_telemetry_service_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_gpusched_v1_telemetry_service_proto_goTypes = []any{
-	(*WatchTelemetryRequest)(nil),  // 0: gpusched.v1.WatchTelemetryRequest
-	(*WatchTelemetryResponse)(nil), // 1: gpusched.v1.WatchTelemetryResponse
-	(*timestamppb.Timestamp)(nil),  // 2: google.protobuf.Timestamp
-	(*GpuSample)(nil),              // 3: gpusched.v1.GpuSample
+	(*WatchTelemetryRequest)(nil),   // 0: gpusched.v1.WatchTelemetryRequest
+	(*WatchTelemetryResponse)(nil),  // 1: gpusched.v1.WatchTelemetryResponse
+	(*TelemetrySample)(nil),         // 2: gpusched.v1.TelemetrySample
+	(*StreamTelemetryRequest)(nil),  // 3: gpusched.v1.StreamTelemetryRequest
+	(*StreamTelemetryResponse)(nil), // 4: gpusched.v1.StreamTelemetryResponse
+	(*GetTelemetryRequest)(nil),     // 5: gpusched.v1.GetTelemetryRequest
+	(*GetTelemetryResponse)(nil),    // 6: gpusched.v1.GetTelemetryResponse
+	(*timestamppb.Timestamp)(nil),   // 7: google.protobuf.Timestamp
+	(*GpuSample)(nil),               // 8: gpusched.v1.GpuSample
+	(*durationpb.Duration)(nil),     // 9: google.protobuf.Duration
 }
 var file_gpusched_v1_telemetry_service_proto_depIdxs = []int32{
-	2, // 0: gpusched.v1.WatchTelemetryResponse.time:type_name -> google.protobuf.Timestamp
-	3, // 1: gpusched.v1.WatchTelemetryResponse.sample:type_name -> gpusched.v1.GpuSample
-	0, // 2: gpusched.v1.TelemetryService.WatchTelemetry:input_type -> gpusched.v1.WatchTelemetryRequest
-	1, // 3: gpusched.v1.TelemetryService.WatchTelemetry:output_type -> gpusched.v1.WatchTelemetryResponse
-	3, // [3:4] is the sub-list for method output_type
-	2, // [2:3] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	7,  // 0: gpusched.v1.WatchTelemetryResponse.time:type_name -> google.protobuf.Timestamp
+	8,  // 1: gpusched.v1.WatchTelemetryResponse.sample:type_name -> gpusched.v1.GpuSample
+	7,  // 2: gpusched.v1.TelemetrySample.time:type_name -> google.protobuf.Timestamp
+	8,  // 3: gpusched.v1.TelemetrySample.sample:type_name -> gpusched.v1.GpuSample
+	9,  // 4: gpusched.v1.StreamTelemetryRequest.every:type_name -> google.protobuf.Duration
+	2,  // 5: gpusched.v1.StreamTelemetryResponse.samples:type_name -> gpusched.v1.TelemetrySample
+	9,  // 6: gpusched.v1.GetTelemetryRequest.every:type_name -> google.protobuf.Duration
+	7,  // 7: gpusched.v1.GetTelemetryRequest.since:type_name -> google.protobuf.Timestamp
+	2,  // 8: gpusched.v1.GetTelemetryResponse.samples:type_name -> gpusched.v1.TelemetrySample
+	0,  // 9: gpusched.v1.TelemetryService.WatchTelemetry:input_type -> gpusched.v1.WatchTelemetryRequest
+	3,  // 10: gpusched.v1.TelemetryService.StreamTelemetry:input_type -> gpusched.v1.StreamTelemetryRequest
+	5,  // 11: gpusched.v1.TelemetryService.GetTelemetry:input_type -> gpusched.v1.GetTelemetryRequest
+	1,  // 12: gpusched.v1.TelemetryService.WatchTelemetry:output_type -> gpusched.v1.WatchTelemetryResponse
+	4,  // 13: gpusched.v1.TelemetryService.StreamTelemetry:output_type -> gpusched.v1.StreamTelemetryResponse
+	6,  // 14: gpusched.v1.TelemetryService.GetTelemetry:output_type -> gpusched.v1.GetTelemetryResponse
+	12, // [12:15] is the sub-list for method output_type
+	9,  // [9:12] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_telemetry_service_proto_init() }
@@ -234,7 +710,7 @@ func file_gpusched_v1_telemetry_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gpusched_v1_telemetry_service_proto_rawDesc), len(file_gpusched_v1_telemetry_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   2,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

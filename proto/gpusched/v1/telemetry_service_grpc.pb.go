@@ -19,19 +19,33 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TelemetryService_WatchTelemetry_FullMethodName = "/gpusched.v1.TelemetryService/WatchTelemetry"
+	TelemetryService_WatchTelemetry_FullMethodName  = "/gpusched.v1.TelemetryService/WatchTelemetry"
+	TelemetryService_StreamTelemetry_FullMethodName = "/gpusched.v1.TelemetryService/StreamTelemetry"
+	TelemetryService_GetTelemetry_FullMethodName    = "/gpusched.v1.TelemetryService/GetTelemetry"
 )
 
 // TelemetryServiceClient is the client API for TelemetryService service.
 //
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
-// TelemetryService streams GPU telemetry the agents report. The scheduler
+// TelemetryService streams GPU telemetry the agents report. The leader
 // keeps a bounded recent history per node in memory; none goes into etcd.
+// Any replica serves it: a follower relays the leader's answer.
 type TelemetryServiceClient interface {
 	// WatchTelemetry sends the recent history that matches, then live samples
-	// until the client hangs up.
+	// until the client hangs up, one GPU sample per message.
+	// StreamTelemetry is the richer form (more filters, field selection,
+	// downsampling, batched messages).
 	WatchTelemetry(ctx context.Context, in *WatchTelemetryRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTelemetryResponse], error)
+	// StreamTelemetry sends a snapshot (the latest sample of every matching
+	// GPU), then live samples until the client hangs up. A subscriber that
+	// reads too slowly never slows the agents or other subscribers: its
+	// buffer is bounded, the oldest samples are dropped and every message
+	// says how many were.
+	StreamTelemetry(ctx context.Context, in *StreamTelemetryRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamTelemetryResponse], error)
+	// GetTelemetry returns the recent history (minutes, bounded per node) of
+	// a node, a job or a lease from the leader's memory, oldest first.
+	GetTelemetry(ctx context.Context, in *GetTelemetryRequest, opts ...grpc.CallOption) (*GetTelemetryResponse, error)
 }
 
 type telemetryServiceClient struct {
@@ -61,16 +75,57 @@ func (c *telemetryServiceClient) WatchTelemetry(ctx context.Context, in *WatchTe
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type TelemetryService_WatchTelemetryClient = grpc.ServerStreamingClient[WatchTelemetryResponse]
 
+func (c *telemetryServiceClient) StreamTelemetry(ctx context.Context, in *StreamTelemetryRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamTelemetryResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TelemetryService_ServiceDesc.Streams[1], TelemetryService_StreamTelemetry_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamTelemetryRequest, StreamTelemetryResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TelemetryService_StreamTelemetryClient = grpc.ServerStreamingClient[StreamTelemetryResponse]
+
+func (c *telemetryServiceClient) GetTelemetry(ctx context.Context, in *GetTelemetryRequest, opts ...grpc.CallOption) (*GetTelemetryResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetTelemetryResponse)
+	err := c.cc.Invoke(ctx, TelemetryService_GetTelemetry_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TelemetryServiceServer is the server API for TelemetryService service.
 // All implementations must embed UnimplementedTelemetryServiceServer
 // for forward compatibility.
 //
-// TelemetryService streams GPU telemetry the agents report. The scheduler
+// TelemetryService streams GPU telemetry the agents report. The leader
 // keeps a bounded recent history per node in memory; none goes into etcd.
+// Any replica serves it: a follower relays the leader's answer.
 type TelemetryServiceServer interface {
 	// WatchTelemetry sends the recent history that matches, then live samples
-	// until the client hangs up.
+	// until the client hangs up, one GPU sample per message.
+	// StreamTelemetry is the richer form (more filters, field selection,
+	// downsampling, batched messages).
 	WatchTelemetry(*WatchTelemetryRequest, grpc.ServerStreamingServer[WatchTelemetryResponse]) error
+	// StreamTelemetry sends a snapshot (the latest sample of every matching
+	// GPU), then live samples until the client hangs up. A subscriber that
+	// reads too slowly never slows the agents or other subscribers: its
+	// buffer is bounded, the oldest samples are dropped and every message
+	// says how many were.
+	StreamTelemetry(*StreamTelemetryRequest, grpc.ServerStreamingServer[StreamTelemetryResponse]) error
+	// GetTelemetry returns the recent history (minutes, bounded per node) of
+	// a node, a job or a lease from the leader's memory, oldest first.
+	GetTelemetry(context.Context, *GetTelemetryRequest) (*GetTelemetryResponse, error)
 	mustEmbedUnimplementedTelemetryServiceServer()
 }
 
@@ -83,6 +138,12 @@ type UnimplementedTelemetryServiceServer struct{}
 
 func (UnimplementedTelemetryServiceServer) WatchTelemetry(*WatchTelemetryRequest, grpc.ServerStreamingServer[WatchTelemetryResponse]) error {
 	return status.Error(codes.Unimplemented, "method WatchTelemetry not implemented")
+}
+func (UnimplementedTelemetryServiceServer) StreamTelemetry(*StreamTelemetryRequest, grpc.ServerStreamingServer[StreamTelemetryResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamTelemetry not implemented")
+}
+func (UnimplementedTelemetryServiceServer) GetTelemetry(context.Context, *GetTelemetryRequest) (*GetTelemetryResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetTelemetry not implemented")
 }
 func (UnimplementedTelemetryServiceServer) mustEmbedUnimplementedTelemetryServiceServer() {}
 func (UnimplementedTelemetryServiceServer) testEmbeddedByValue()                          {}
@@ -116,17 +177,56 @@ func _TelemetryService_WatchTelemetry_Handler(srv interface{}, stream grpc.Serve
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type TelemetryService_WatchTelemetryServer = grpc.ServerStreamingServer[WatchTelemetryResponse]
 
+func _TelemetryService_StreamTelemetry_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(StreamTelemetryRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TelemetryServiceServer).StreamTelemetry(m, &grpc.GenericServerStream[StreamTelemetryRequest, StreamTelemetryResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TelemetryService_StreamTelemetryServer = grpc.ServerStreamingServer[StreamTelemetryResponse]
+
+func _TelemetryService_GetTelemetry_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetTelemetryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TelemetryServiceServer).GetTelemetry(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TelemetryService_GetTelemetry_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TelemetryServiceServer).GetTelemetry(ctx, req.(*GetTelemetryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TelemetryService_ServiceDesc is the grpc.ServiceDesc for TelemetryService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
 var TelemetryService_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "gpusched.v1.TelemetryService",
 	HandlerType: (*TelemetryServiceServer)(nil),
-	Methods:     []grpc.MethodDesc{},
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "GetTelemetry",
+			Handler:    _TelemetryService_GetTelemetry_Handler,
+		},
+	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "WatchTelemetry",
 			Handler:       _TelemetryService_WatchTelemetry_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "StreamTelemetry",
+			Handler:       _TelemetryService_StreamTelemetry_Handler,
 			ServerStreams: true,
 		},
 	},
