@@ -89,7 +89,7 @@ replicas).`,
 		newDevCmd(), newSchedulerCmd(), newAgentCmd(),
 		newEtcdCmd(),
 		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(), newCheckCmd(),
-		newDrainCmd(), newUndrainCmd(), newTelemetryCmd(), newMockCmd(), newTenantsCmd(), newQueuesCmd(),
+		newDrainCmd(), newUndrainCmd(), newTelemetryCmd(), newTopCmd(), newMockCmd(), newTenantsCmd(), newQueuesCmd(),
 	)
 	return root
 }
