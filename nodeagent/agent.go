@@ -127,6 +127,8 @@ type Agent struct {
 	sim     *simDriver // nil on real NVML
 	health  health
 	fb      fbBaseline
+	// latest is the newest sampling round, for the agent's /metrics.
+	latest atomic.Pointer[pb.TelemetryBatch]
 }
 
 // New validates cfg, reads the GPU inventory and the persisted state.

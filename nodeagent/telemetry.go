@@ -77,12 +77,9 @@ func (r *sampler) logErr(log *zap.Logger, what string, err error) {
 const maxQueuedTelemetry = 64
 
 // sendTelemetry sends one batch on the current stream, if there is one and
-// it has room; a dropped batch is simply a gap in the history.
+// it has room; a dropped batch is simply a gap in the history. Either way
+// the batch becomes the latest round (LatestTelemetry).
 func (a *Agent) sendTelemetry(now time.Time, h holder, samples []gpu.Sample) {
-	s := a.currentSession()
-	if s == nil || len(s.out) > maxQueuedTelemetry {
-		return
-	}
 	lastXID := a.health.lastXIDs()
 	batch := &pb.TelemetryBatch{
 		Time: timestamppb.New(now), LeaseId: h.id, JobId: h.job,
@@ -94,6 +91,11 @@ func (a *Agent) sendTelemetry(now time.Time, h holder, samples []gpu.Sample) {
 			g.LastXid = lastXID[x.Index]
 		}
 		batch.Samples[i] = g
+	}
+	a.latest.Store(batch)
+	s := a.currentSession()
+	if s == nil || len(s.out) > maxQueuedTelemetry {
+		return
 	}
 	select {
 	case s.out <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Telemetry{Telemetry: batch}}:

@@ -7,11 +7,16 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
 
+	"github.com/gpusched/gpusched/internal/metrics"
 	"github.com/gpusched/gpusched/scheduler/api"
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/model"
@@ -36,8 +41,11 @@ type Config struct {
 	SessionTTL time.Duration
 	Logger     *zap.Logger
 	// Engine tunes each leadership term; Store, Fence and Logger are set
-	// by the scheduler.
+	// by the scheduler, and Metrics defaults to the replica's (Metrics).
 	Engine engine.Config
+	// MetricsStaleAfter: GPUs whose newest sample is older are left out of
+	// the replica's metrics. Default metrics.DefaultStaleAfter.
+	MetricsStaleAfter time.Duration
 }
 
 // Scheduler is one replica: it serves the API and leads when elected.
@@ -51,6 +59,7 @@ type Scheduler struct {
 	// telemetry outlives terms: a watcher keeps its stream when leaders
 	// change on another replica (it is forwarded), and history is per leader.
 	telemetry *telemetry.Hub
+	metrics   *metrics.Scheduler
 }
 
 // New returns a replica; call Serve to run it.
@@ -64,9 +73,16 @@ func New(cfg Config) *Scheduler {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now(),
+	s := &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now(),
 		telemetry: telemetry.New(telemetry.Options{})}
+	s.metrics = metrics.NewScheduler(metrics.SchedulerConfig{Leader: s.Leader, Telemetry: s.telemetry, StaleAfter: cfg.MetricsStaleAfter})
+	return s
 }
+
+// Metrics is the replica's private Prometheus registry: the GPU series
+// (dcgm-exporter's names, from the telemetry hub), the scheduler's series
+// and the Go and process collectors. Serve it with metrics.Serve.
+func (s *Scheduler) Metrics() *prometheus.Registry { return s.metrics.Registry() }
 
 // Name is the replica's name in the election.
 func (s *Scheduler) Name() string { return s.cfg.Name }
@@ -90,8 +106,9 @@ func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
 		s.cfg.Name = s.cfg.Address
 	}
 	defer s.peers.close()
-	srv := grpc.NewServer(api.ServerOptions(s.log)...)
+	srv := grpc.NewServer(api.ServerOptions(s.log, s.metrics)...)
 	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.leaderAddr, Status: s.Status, Telemetry: s.telemetry, Store: s.store})
+	hs := registerHealthAndReflection(srv)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	serveErr := make(chan error, 1)
@@ -108,6 +125,7 @@ func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
 		cancel()
 	}
 	<-campaignDone // the engine is stopped: agent streams are closed
+	hs.Shutdown()  // health checks answer NOT_SERVING while in-flight RPCs finish
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {
@@ -172,6 +190,9 @@ func (s *Scheduler) term(ctx context.Context) error {
 	ecfg.Store, ecfg.Logger = s.store, s.log
 	ecfg.Telemetry, ecfg.LeaseUsage = s.telemetry.Publish, s.telemetry.TakeLeaseUsage
 	ecfg.Fence = store.Fence{Key: el.Key(), Revision: el.Rev()}
+	if ecfg.Metrics == nil {
+		ecfg.Metrics = s.metrics
+	}
 	eng := engine.New(ecfg)
 	s.log.Info("elected leader", zap.String("replica", s.cfg.Name), zap.Int64("token", el.Rev()))
 	published := make(chan struct{})
@@ -203,4 +224,21 @@ func (s *Scheduler) term(ctx context.Context) error {
 	default:
 		return fmt.Errorf("scheduler: etcd session expired: %w", model.ErrStopped)
 	}
+}
+
+// registerHealthAndReflection adds the gRPC health checking protocol
+// (grpc.health.v1: SERVING overall and for every service registered so
+// far) and server reflection (what grpcurl uses) to srv. Any replica
+// serves every service, leader or not (followers forward), so the status
+// is SERVING for as long as the replica serves; the caller sets it to
+// NOT_SERVING with Shutdown before stopping.
+func registerHealthAndReflection(srv *grpc.Server) *health.Server {
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(srv, hs)
+	reflection.Register(srv)
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	for name := range srv.GetServiceInfo() {
+		hs.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	return hs
 }

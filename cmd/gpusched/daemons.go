@@ -10,12 +10,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
 	"github.com/gpusched/gpusched/internal/devcluster"
+	"github.com/gpusched/gpusched/internal/metrics"
 	"github.com/gpusched/gpusched/nodeagent"
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/scheduler"
@@ -55,6 +57,56 @@ func (l *logFlags) logger() (*zap.Logger, error) {
 	return cfg.Build()
 }
 
+// metricsFlags serve Prometheus /metrics and, if asked, pprof; shared by
+// dev, scheduler and agent.
+type metricsFlags struct {
+	listen string
+	pprof  bool
+}
+
+func (m *metricsFlags) register(cmd *cobra.Command, what string) {
+	cmd.Flags().StringVar(&m.listen, "metrics-listen", "", "serve Prometheus /metrics ("+what+") on this address, e.g. 0.0.0.0:9400 (default: none)")
+	cmd.Flags().BoolVar(&m.pprof, "pprof", false, "also serve net/http/pprof under /debug/pprof/ on the --metrics-listen address")
+}
+
+// check refuses --pprof without a metrics address to serve it on.
+func (m *metricsFlags) check() error {
+	if m.pprof && m.listen == "" {
+		return usageError("--pprof is served on the metrics endpoint: set --metrics-listen too")
+	}
+	return nil
+}
+
+// listenMetrics opens the metrics listener; nil without --metrics-listen.
+func (m *metricsFlags) listenMetrics() (net.Listener, error) {
+	if m.listen == "" {
+		return nil, nil
+	}
+	lis, err := net.Listen("tcp", m.listen)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	return lis, nil
+}
+
+// serveMetrics serves reg on lis in the background until ctx ends; wait
+// returns once it stopped. A metrics endpoint that fails is logged: it
+// never takes the daemon down. A nil lis serves nothing.
+func (m *metricsFlags) serveMetrics(ctx context.Context, log *zap.Logger, lis net.Listener, reg prometheus.Gatherer) (wait func()) {
+	if lis == nil {
+		return func() {}
+	}
+	log.Info("metrics serving", zap.String("url", "http://"+lis.Addr().String()+metrics.Path), zap.Bool("pprof", m.pprof))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := metrics.Serve(ctx, lis, metrics.ServerConfig{Gatherer: reg, Pprof: m.pprof, Logger: log.Named("metrics")}); err != nil {
+			log.Error("metrics endpoint failed", zap.Error(err))
+		}
+	}()
+	return func() { <-done }
+}
+
 // engineFlags tune the leader's loop; shared by dev and scheduler.
 func engineFlags(cmd *cobra.Command, cfg *engine.Config) {
 	cmd.Flags().DurationVar(&cfg.NodeLostAfter, "node-lost-after", 30*time.Second, "mark a node LOST after its agent is gone this long")
@@ -78,6 +130,7 @@ func newDevCmd() *cobra.Command {
 	var (
 		cfg  devcluster.Config
 		logs logFlags
+		mf   metricsFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "dev",
@@ -88,11 +141,14 @@ Commands you submit run for real on this machine. Prints the endpoint and an
 export line for GPUSCHED_SERVER. The REST/JSON gateway serves on
 --http-listen (default 127.0.0.1:8080, or a free port when that is taken;
 --http-listen '' turns it off), with the OpenAPI document at /openapi.json.
+--metrics-listen serves the scheduler's Prometheus /metrics (every
+simulated GPU under dcgm-exporter's names); --pprof adds net/http/pprof there.
 Stop with Ctrl-C: every command the agents started is stopped too.`,
 		Example: `  gpusched dev
   gpusched dev --nodes 8 --gpu-model a100 --listen 127.0.0.1:7070
   gpusched dev --http-listen 127.0.0.1:8080   # then: curl http://127.0.0.1:8080/v1/jobs
-  gpusched dev --data-dir ~/.gpusched-dev   # keep jobs and nodes across restarts`,
+  gpusched dev --data-dir ~/.gpusched-dev   # keep jobs and nodes across restarts
+  gpusched dev --metrics-listen 127.0.0.1:9400 --pprof   # then: curl http://127.0.0.1:9400/metrics`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := logs.logger()
@@ -100,9 +156,13 @@ Stop with Ctrl-C: every command the agents started is stopped too.`,
 				return err
 			}
 			defer log.Sync() //nolint:errcheck // best effort on exit
+			if err := mf.check(); err != nil {
+				return err
+			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
 			cfg.Logger = log
+			cfg.MetricsListen, cfg.Pprof = mf.listen, mf.pprof
 			// The default port is a convenience: fall back when it is taken.
 			// An address given explicitly must be free.
 			cfg.HTTPListenFallback = !cmd.Flags().Changed("http-listen")
@@ -123,6 +183,9 @@ Stop with Ctrl-C: every command the agents started is stopped too.`,
 			fmt.Fprintf(out, "scheduler listening on %s\n", c.Endpoint)
 			if h := c.HTTPAddr(); h != "" {
 				fmt.Fprintf(out, "REST/JSON on http://%s (OpenAPI: http://%s%s)\n", h, h, gateway.OpenAPIPath)
+			}
+			if m := c.MetricsAddr(); m != "" {
+				fmt.Fprintf(out, "metrics on http://%s%s\n", m, metrics.Path)
 			}
 			fmt.Fprintf(out, "\nexport GPUSCHED_SERVER=%s\n\n", c.Endpoint)
 			if cfg.DataDir != "" {
@@ -150,6 +213,7 @@ Stop with Ctrl-C: every command the agents started is stopped too.`,
 	f.StringVar(&cfg.GPUBackend, "gpu-backend", "", "GPU backend instead of --gpu-model: "+strings.Join(gpu.Backends(), ", ")+" (nvml needs --nodes 1)")
 	engineFlags(cmd, &cfg.Engine)
 	agentFlags(cmd, &cfg.Agent)
+	mf.register(cmd, "the scheduler's and every simulated GPU's")
 	logs.register(cmd)
 	return cmd
 }
@@ -175,6 +239,7 @@ func newSchedulerCmd() *cobra.Command {
 		listen     string
 		httpListen string
 		logs       logFlags
+		mf         metricsFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "scheduler",
@@ -183,9 +248,13 @@ func newSchedulerCmd() *cobra.Command {
 jobs and commands the node agents. Every write is fenced by the leader's
 election revision. With --http-listen it also serves the REST/JSON gateway
 (and its OpenAPI document at /openapi.json), which calls this replica's own
-gRPC API over loopback.`,
+gRPC API over loopback. With --metrics-listen it serves Prometheus /metrics:
+the replica's series and, on the leader, every GPU under dcgm-exporter's
+names; --pprof adds net/http/pprof there. The gRPC server also answers the
+health checking protocol (grpc.health.v1) and server reflection.`,
 		Example: `  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379 --listen 0.0.0.0:7070
-  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379 --listen 0.0.0.0:7070 --http-listen 0.0.0.0:8080`,
+  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379 --listen 0.0.0.0:7070 --http-listen 0.0.0.0:8080
+  gpusched scheduler --etcd-endpoints http://10.0.0.1:2379 --listen 0.0.0.0:7070 --metrics-listen 0.0.0.0:9400`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := logs.logger()
@@ -196,6 +265,9 @@ gRPC API over loopback.`,
 			eps := splitList([]string{endpoints})
 			if len(eps) == 0 {
 				return usageError("--etcd-endpoints is required")
+			}
+			if err := mf.check(); err != nil {
+				return err
 			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
@@ -221,8 +293,21 @@ gRPC API over loopback.`,
 					return fmt.Errorf("--http-listen: %w", err)
 				}
 			}
+			mlis, err := mf.listenMetrics()
+			if err != nil {
+				lis.Close()
+				if hlis != nil {
+					hlis.Close()
+				}
+				return err
+			}
 			log.Info("scheduler serving", zap.String("listen", lis.Addr().String()), zap.Strings("etcd", eps))
-			return serveScheduler(ctx, log, scheduler.New(cfg), lis, hlis)
+			s := scheduler.New(cfg)
+			mctx, mstop := context.WithCancel(ctx)
+			waitMetrics := mf.serveMetrics(mctx, log, mlis, s.Metrics())
+			defer waitMetrics()
+			defer mstop()
+			return serveScheduler(ctx, log, s, lis, hlis)
 		},
 	}
 	f := cmd.Flags()
@@ -234,6 +319,7 @@ gRPC API over loopback.`,
 	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", 5*time.Second, "leader session TTL: how fast a dead leader is replaced")
 	engineFlags(cmd, &cfg.Engine)
+	mf.register(cmd, "the replica's and, on the leader, every GPU's")
 	logs.register(cmd)
 	return cmd
 }
@@ -274,13 +360,17 @@ func newAgentCmd() *cobra.Command {
 		backend string
 		labels  []string
 		logs    logFlags
+		mf      metricsFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the node agent on a GPU machine",
 		Long: `Run the node agent: read the GPUs through NVML, register with the scheduler
 and run leased jobs. It talks only gRPC to the scheduler and keeps its state
-and job logs under --data-dir.`,
+and job logs under --data-dir. With --metrics-listen it serves its own
+node's GPUs on Prometheus /metrics under dcgm-exporter's names (what the
+scheduler's /metrics also exports for every node); --pprof adds
+net/http/pprof there.`,
 		Example: `  gpusched agent --scheduler 10.0.0.5:7070 --node-id gpu-017 --gpu-backend nvml --data-dir /var/lib/gpusched
   gpusched agent --scheduler 127.0.0.1:7070 --node-id sim-1 --gpu-backend mock-dgxh100 --data-dir /tmp/sim-1`,
 		Args: exactArgs(0, "no arguments"),
@@ -299,6 +389,9 @@ and job logs under --data-dir.`,
 			}
 			if cfg.DataDir == "" {
 				return usageError("--data-dir is required")
+			}
+			if err := mf.check(); err != nil {
+				return err
 			}
 			cfg.Labels = map[string]string{}
 			for _, kv := range splitList(labels) {
@@ -328,9 +421,17 @@ and job logs under --data-dir.`,
 			if err != nil {
 				return err
 			}
+			mlis, err := mf.listenMetrics()
+			if err != nil {
+				return err
+			}
 			inv := a.Inventory()
 			log.Info("agent starting", zap.String("node", cfg.NodeID), zap.String("gpu_backend", backend),
 				zap.String("gpu_model", inv.GPUModel), zap.Int("gpus", inv.GPUCount), zap.Strings("scheduler", cfg.Servers))
+			mctx, mstop := context.WithCancel(ctx)
+			waitMetrics := mf.serveMetrics(mctx, log, mlis, metrics.NewAgentRegistry(a, 0))
+			defer waitMetrics()
+			defer mstop()
 			return a.Run(ctx)
 		},
 	}
@@ -342,6 +443,7 @@ and job logs under --data-dir.`,
 	f.StringSliceVar(&labels, "labels", nil, "node labels k=v[,k=v...] (rack, switch, zone, pool)")
 	f.StringVar(&cfg.Address, "address", "", "address peers use to reach this node (default: hostname)")
 	agentFlags(cmd, &cfg)
+	mf.register(cmd, "this node's GPUs")
 	logs.register(cmd)
 	return cmd
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/gpusched/gpusched/internal/embedetcd"
 	"github.com/gpusched/gpusched/internal/gpumodel"
+	"github.com/gpusched/gpusched/internal/metrics"
 	"github.com/gpusched/gpusched/nodeagent"
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/scheduler"
@@ -60,6 +61,13 @@ type Config struct {
 	// HTTPListenFallback: when HTTPListen is taken, serve the gateway on a
 	// free port of the same host instead of failing.
 	HTTPListenFallback bool
+	// MetricsListen, when set, serves the scheduler's Prometheus /metrics
+	// (internal/metrics) on this address; port 0 picks a free port.
+	// Empty: no metrics endpoint.
+	MetricsListen string
+	// Pprof mounts net/http/pprof on the metrics endpoint (needs
+	// MetricsListen).
+	Pprof bool
 	// DataDir keeps etcd's data and the agents' state and logs across
 	// restarts. Empty means a temporary directory removed on Close.
 	DataDir string
@@ -74,13 +82,14 @@ type Cluster struct {
 	Endpoint string
 	DataDir  string
 
-	httpAddr string
-	cancel   context.CancelFunc
-	etcd     *embedetcd.Server
-	wg       sync.WaitGroup
-	errs     chan error
-	tempDir  bool
-	backends []*gpu.Backend
+	httpAddr    string
+	metricsAddr string
+	cancel      context.CancelFunc
+	etcd        *embedetcd.Server
+	wg          sync.WaitGroup
+	errs        chan error
+	tempDir     bool
+	backends    []*gpu.Backend
 }
 
 // Start brings the cluster up and returns once the scheduler listens.
@@ -111,6 +120,9 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	}
 	if cfg.Listen == "" {
 		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.Pprof && cfg.MetricsListen == "" {
+		return nil, fmt.Errorf("%w: pprof is served on the metrics endpoint: set a metrics address too", ErrConfig)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -158,6 +170,11 @@ func Start(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 
 	if cfg.HTTPListen != "" {
 		if err := c.startGateway(runCtx, cfg); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.MetricsListen != "" {
+		if err := c.startMetrics(runCtx, cfg, sched); err != nil {
 			return nil, err
 		}
 	}
@@ -231,6 +248,29 @@ func (c *Cluster) startGateway(ctx context.Context, cfg Config) error {
 	}()
 	return nil
 }
+
+// startMetrics serves the scheduler's /metrics (and pprof, if asked).
+func (c *Cluster) startMetrics(ctx context.Context, cfg Config, sched *scheduler.Scheduler) error {
+	lis, err := net.Listen("tcp", cfg.MetricsListen)
+	if err != nil {
+		return fmt.Errorf("devcluster: metrics: listen on %s: %w", cfg.MetricsListen, err)
+	}
+	c.metricsAddr = lis.Addr().String()
+	cfg.Logger.Info("metrics serving", zap.String("url", "http://"+c.metricsAddr+metrics.Path), zap.Bool("pprof", cfg.Pprof))
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		err := metrics.Serve(ctx, lis, metrics.ServerConfig{Gatherer: sched.Metrics(), Pprof: cfg.Pprof, Logger: cfg.Logger.Named("metrics")})
+		if err != nil {
+			c.errs <- err
+		}
+	}()
+	return nil
+}
+
+// MetricsAddr is the metrics endpoint's address (host:port), or "" when
+// Config.MetricsListen was empty.
+func (c *Cluster) MetricsAddr() string { return c.metricsAddr }
 
 // HTTPAddr is the REST/JSON gateway's address (host:port), or "" when
 // Config.HTTPListen was empty.

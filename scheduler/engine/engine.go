@@ -52,7 +52,28 @@ type Config struct {
 	// the lease's summary (the hub's TakeLeaseUsage). Nil: summaries hold
 	// GPU-hours and event counts only.
 	LeaseUsage func(leaseID string) model.TelemetryUsage
+	// Metrics observes the loop's timings (scheduler metrics). Nil: none.
+	Metrics Observer
 }
+
+// Observer receives the engine's timings, for metrics. Its methods are
+// called from the loop and must not block.
+type Observer interface {
+	// ScheduleCycle is the wall time of one placement cycle.
+	ScheduleCycle(d time.Duration)
+	// SubmitToLease is how long a job waited from its creation to its
+	// first lease.
+	SubmitToLease(d time.Duration)
+	// Commit is the wall time of one batch commit to etcd.
+	Commit(d time.Duration)
+}
+
+// nopObserver is the Observer of a Config without one.
+type nopObserver struct{}
+
+func (nopObserver) ScheduleCycle(time.Duration) {}
+func (nopObserver) SubmitToLease(time.Duration) {}
+func (nopObserver) Commit(time.Duration)        {}
 
 func (c *Config) setDefaults() {
 	if c.Now == nil {
@@ -81,6 +102,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.AgingStep <= 0 {
 		c.AgingStep = 5 * time.Minute
+	}
+	if c.Metrics == nil {
+		c.Metrics = nopObserver{}
 	}
 }
 
@@ -228,7 +252,9 @@ drain:
 	if now := time.Now(); e.needCycle || (e.newWork && e.pacer.due(now)) {
 		e.needCycle, e.newWork = false, false
 		e.schedule()
-		e.pacer.ran(now, time.Now())
+		end := time.Now()
+		e.pacer.ran(now, end)
+		e.cfg.Metrics.ScheduleCycle(end.Sub(now))
 	} else if e.newWork {
 		e.pacer.arm(now)
 	}
@@ -258,7 +284,9 @@ func (e *Engine) commit(ctx context.Context) error {
 	}
 	cctx, cancel := context.WithTimeout(ctx, e.cfg.CommitTimeout)
 	defer cancel()
+	start := time.Now()
 	rev, err := e.cfg.Store.Commit(cctx, e.cfg.Fence, e.changes, seq)
+	e.cfg.Metrics.Commit(time.Since(start))
 	e.changes, e.seqDirty = e.changes[:0], false
 	if rev > 0 {
 		e.rev = rev
@@ -285,4 +313,39 @@ func (e *Engine) reply(fn func()) { e.replies = append(e.replies, fn) }
 func (e *Engine) command(node string, msg *pb.ConnectResponse) {
 	msg.FencingToken = e.Token()
 	e.outbox = append(e.outbox, outMsg{node: node, msg: msg})
+}
+
+// Stats counts what the leader holds, for metrics.
+type Stats struct {
+	// Jobs counts jobs by current state.
+	Jobs map[model.JobState]int
+	// Nodes counts nodes by state, as clients see it.
+	Nodes map[model.NodeState]int
+	// ActiveLeases counts leases that have not ended.
+	ActiveLeases int
+	// AgentsConnected counts nodes whose agent holds a stream to this leader.
+	AgentsConnected int
+}
+
+// Stats returns the current counts. It scans every job, node and lease
+// under the read lock, so it is meant for a metrics scrape, not a hot path.
+func (e *Engine) Stats() Stats {
+	st := Stats{Jobs: map[model.JobState]int{}, Nodes: map[model.NodeState]int{}}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	for _, j := range e.jobs {
+		st.Jobs[j.State]++
+	}
+	for _, n := range e.nodes {
+		st.Nodes[n.view().State]++
+		if n.conn != nil {
+			st.AgentsConnected++
+		}
+	}
+	for _, l := range e.leases {
+		if l.lease.Active {
+			st.ActiveLeases++
+		}
+	}
+	return st
 }

@@ -275,6 +275,9 @@ func (e *Engine) grant(j *model.Job, nodes []string) {
 	for _, id := range nodes {
 		e.startOn(le, id)
 	}
+	if j.Attempts == 1 {
+		e.cfg.Metrics.SubmitToLease(now.Sub(j.CreateTime))
+	}
 	e.log.Info("lease granted", zap.String("job_id", j.ID), zap.String("lease_id", l.ID),
 		zap.Strings("nodes", nodes), zap.Int64("token", e.Token()))
 }
