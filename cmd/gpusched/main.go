@@ -90,6 +90,7 @@ replicas).`,
 		newEtcdCmd(),
 		newSubmitCmd(), newJobsCmd(), newWaitCmd(), newLogsCmd(), newCancelCmd(), newNodesCmd(), newStatusCmd(), newCheckCmd(),
 		newDrainCmd(), newUndrainCmd(), newTelemetryCmd(), newTopCmd(), newMockCmd(), newTenantsCmd(), newQueuesCmd(),
+		newSimCmd(),
 	)
 	return root
 }

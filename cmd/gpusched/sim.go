@@ -1,0 +1,205 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/gpusched/gpusched/internal/sim"
+)
+
+func newSimCmd() *cobra.Command {
+	var (
+		cfg        sim.Config
+		etcd       string
+		mix        string
+		openRun    string
+		backlogRun string
+		ceiling    string
+		mode       string
+		asJSON     bool
+		jsonFile   string
+	)
+	cmd := &cobra.Command{
+		Use:   "sim",
+		Short: "Benchmark a simulated cluster: etcd, the scheduler and thousands of hollow agents",
+		Long: `Run a simulated cluster and measure the scheduler: an etcd (embedded, with
+fsync, or --etcd of a real cluster), a scheduler replica (a child process
+'gpusched sim replica' by default, so its RSS, CPU and profiles are its own;
+--scheduler inproc runs it in this process) and --nodes hollow agents in this
+process. Each hollow agent speaks the real AgentService protocol on its own
+gRPC stream (many streams share one connection): hello with 8 simulated GPUs,
+heartbeats, StartLease → started, "runs" for the job's SIM_DURATION (env),
+exits 0, and reports released and clean. A load generator submits through the
+Go SDK.
+
+Phases:
+  open     --rate jobs/s for --duration, open loop, with free capacity:
+           accepted submissions/s and submit → StartLease latency at the agent
+  backlog  the queue is paused, --backlog jobs are queued (SubmitBatch), then
+           resumed on an idle cluster: committed placements/s until all placed
+  then     every job must end SUCCEEDED (--verify), etcd DB size, leader cold
+           starts (--cold-start: agents held back, then all retrying), and
+           etcd's batched-write ceiling on the same machine (--ceiling-clients).
+
+The report is a table, or JSON with --json. See docs/benchmarks.md.`,
+		Example: `  gpusched sim                                   # 10,000 nodes, 2,000/s open, 100,000 backlog
+  gpusched sim --nodes 1000 --backlog 10000 --duration 10s --rate 500
+  gpusched sim --json --cpuprofile sched.cpu --memprofile sched.heap > report.json`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var err error
+			if cfg.Mix, err = sim.ParseMix(mix); err != nil {
+				return usageError("--mix: %v", err)
+			}
+			if cfg.OpenMinRun, cfg.OpenMaxRun, err = parseRunRange(openRun); err != nil {
+				return usageError("--run: %v", err)
+			}
+			if cfg.BacklogMinRun, cfg.BacklogMaxRun, err = parseRunRange(backlogRun); err != nil {
+				return usageError("--backlog-run: %v", err)
+			}
+			for _, c := range splitList([]string{ceiling}) {
+				n, err := strconv.Atoi(c)
+				if err != nil || n < 1 {
+					return usageError("--ceiling-clients wants numbers >= 1, got %q", c)
+				}
+				cfg.CeilingClients = append(cfg.CeilingClients, n)
+			}
+			switch mode {
+			case "process":
+				cfg.SchedulerProcess = true
+			case "inproc":
+			default:
+				return usageError("--scheduler must be process or inproc, got %q", mode)
+			}
+			if cfg.Nodes < 1 {
+				return usageError("--nodes must be at least 1")
+			}
+			cfg.EtcdEndpoints = splitList([]string{etcd})
+			cfg.Progress = cmd.ErrOrStderr()
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			rep, err := sim.Run(ctx, cfg)
+			if rep != nil && jsonFile != "" {
+				b, merr := json.MarshalIndent(rep, "", "  ")
+				if merr == nil {
+					merr = os.WriteFile(jsonFile, append(b, '\n'), 0o644)
+				}
+				if merr != nil && err == nil {
+					err = merr
+				}
+			}
+			if rep != nil && (err == nil || asJSON) {
+				if asJSON {
+					enc := json.NewEncoder(cmd.OutOrStdout())
+					enc.SetIndent("", "  ")
+					if e := enc.Encode(rep); e != nil && err == nil {
+						err = e
+					}
+				} else {
+					rep.WriteText(cmd.OutOrStdout())
+				}
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&cfg.Nodes, "nodes", 10000, "hollow agents (nodes of 8 GPUs)")
+	f.StringVar(&cfg.GPUModel, "gpu-model", "H100", "GPU model of every node")
+	f.IntVar(&cfg.AgentsPerConn, "agents-per-conn", 100, "hollow agents sharing one gRPC connection (each has its own stream)")
+	f.Float64Var(&cfg.TelemetryHz, "telemetry-hz", 0, "telemetry batches per second per agent (0: none)")
+	f.StringVar(&etcd, "etcd", "", "endpoints of a real etcd cluster (default: an embedded member in --work-dir)")
+	f.BoolVar(&cfg.EtcdNoFsync, "etcd-no-fsync", false, "embedded etcd without fsync (not the production shape)")
+	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix; must be empty")
+	f.StringVar(&mode, "scheduler", "process", "run the scheduler as a child process or inproc")
+	f.StringVar(&cfg.SchedulerLogLevel, "scheduler-log-level", "warn", "scheduler log level (child's log in --work-dir/logs)")
+	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 2*time.Second, "agent heartbeat interval the scheduler asks for")
+	f.StringVar(&mix, "mix", sim.FormatMix(sim.DefaultMix), "job sizes, weight:nodes or weight:min-max, comma-separated")
+	f.IntVar(&cfg.Tenants, "tenants", 8, "tenants the jobs are spread over")
+	f.Float64Var(&cfg.OpenRate, "rate", 2000, "open phase: submissions per second (0 skips the phase)")
+	f.DurationVar(&cfg.OpenDuration, "duration", 30*time.Second, "open phase: how long to submit")
+	f.IntVar(&cfg.OpenBatch, "submit-batch", 1, "open phase: jobs per call (1: Submit, more: SubmitBatch)")
+	f.IntVar(&cfg.OpenConcurrency, "submit-concurrency", 512, "open phase: calls in flight at most")
+	f.StringVar(&openRun, "run", "200ms-800ms", "open phase: job run time, d or min-max (uniform)")
+	f.IntVar(&cfg.BacklogJobs, "backlog", 100000, "backlog phase: jobs queued while the queue is paused (0 skips the phase)")
+	f.IntVar(&cfg.BacklogBatch, "backlog-batch", 1000, "backlog phase: jobs per SubmitBatch")
+	f.IntVar(&cfg.BacklogConcurrency, "backlog-concurrency", 4, "backlog phase: SubmitBatch calls in flight")
+	f.StringVar(&backlogRun, "backlog-run", "0s-200ms", "backlog phase: job run time, d or min-max (uniform)")
+	f.BoolVar(&cfg.ColdStart, "cold-start", true, "stop the leader at the end and time a fresh replica (twice: agents held back, then retrying)")
+	f.StringVar(&ceiling, "ceiling-clients", "1,4,16", "etcd batched-write ceiling from this many clients each ('' skips it)")
+	f.DurationVar(&cfg.CeilingDuration, "ceiling-duration", 3*time.Second, "how long each ceiling measurement writes")
+	f.BoolVar(&cfg.Verify, "verify", true, "wait for every job to end and count their states")
+	f.BoolVar(&cfg.CheckInvariants, "check", false, "replay etcd's history and check the invariants (slow on large runs)")
+	f.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write the scheduler's CPU profile over the backlog drain here")
+	f.StringVar(&cfg.OpenCPUProfile, "cpuprofile-open", "", "write the scheduler's CPU profile over the open phase here")
+	f.StringVar(&cfg.MemProfile, "memprofile", "", "write the scheduler's heap profile with the backlog queued here")
+	f.StringVar(&cfg.ColdStartCPUProfile, "cpuprofile-cold-start", "", "write the fresh replica's CPU profile, start to state loaded, here (agents held back) and in FILE.retrying")
+	f.StringVar(&cfg.SimCPUProfile, "sim-cpuprofile", "", "write this process's (agents, etcd, load) CPU profile over the drain here")
+	f.StringVar(&cfg.WorkDir, "work-dir", "", "etcd data and scheduler logs (default: a temp dir, removed at the end)")
+	f.DurationVar(&cfg.PhaseTimeout, "phase-timeout", 10*time.Minute, "give up on any one wait after this long")
+	f.BoolVar(&asJSON, "json", false, "print the report as JSON instead of tables")
+	f.StringVar(&jsonFile, "json-file", "", "also write the report as JSON to this file")
+	cmd.AddCommand(newSimReplicaCmd())
+	return cmd
+}
+
+// parseRunRange parses "d" or "min-max" durations.
+func parseRunRange(s string) (time.Duration, time.Duration, error) {
+	lo, hi, ok := strings.Cut(s, "-")
+	if !ok {
+		hi = lo
+	}
+	a, err := time.ParseDuration(strings.TrimSpace(lo))
+	if err != nil {
+		return 0, 0, err
+	}
+	b, err := time.ParseDuration(strings.TrimSpace(hi))
+	if err != nil {
+		return 0, 0, err
+	}
+	if a < 0 || b < a {
+		return 0, 0, fmt.Errorf("want 0 <= min <= max, got %s", s)
+	}
+	return a, b, nil
+}
+
+// newSimReplicaCmd is the child side of `gpusched sim`: one scheduler
+// replica with a commit tap, pprof and /sim/stats. Not for direct use.
+func newSimReplicaCmd() *cobra.Command {
+	var (
+		cfg       sim.ReplicaConfig
+		endpoints string
+	)
+	cmd := &cobra.Command{
+		Use:    "replica",
+		Short:  "Run one scheduler replica for gpusched sim (internal)",
+		Hidden: true,
+		Args:   exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg.EtcdEndpoints = splitList([]string{endpoints})
+			if len(cfg.EtcdEndpoints) == 0 {
+				return usageError("--etcd-endpoints is required")
+			}
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			return sim.ServeReplica(ctx, cfg, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&endpoints, "etcd-endpoints", "", "etcd client URLs")
+	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:0", "gRPC listen address")
+	f.StringVar(&cfg.DebugListen, "debug-listen", "127.0.0.1:0", "pprof and /sim/stats listen address")
+	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix")
+	f.StringVar(&cfg.Name, "name", "", "replica name")
+	f.DurationVar(&cfg.SessionTTL, "session-ttl", 5*time.Second, "leader session TTL")
+	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 2*time.Second, "agent heartbeat interval")
+	f.DurationVar(&cfg.NodeLostAfter, "node-lost-after", 30*time.Second, "mark a node LOST after its agent is gone this long")
+	f.StringVar(&cfg.LogLevel, "log-level", "warn", "log level")
+	f.StringVar(&cfg.LoadCPUProfile, "load-cpuprofile", "", "CPU profile from start until the state is loaded")
+	return cmd
+}

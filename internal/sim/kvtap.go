@@ -1,0 +1,234 @@
+package sim
+
+import (
+	"bytes"
+	"context"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// commitTap wraps the scheduler's etcd KV to time its commits from the
+// outside, without touching the engine. Every scheduler transaction puts
+// <prefix>/meta/writer; the transactions of one loop turn's commit share
+// the context store.Commit made for that commit, which groups them
+// exactly. So, per turn that wrote something:
+//
+//	commit  = first txn start → last txn end (time inside etcd)
+//	turn    = end of the previous commit → end of this one (the loop's
+//	          cycle: apply events, place, commit, send)
+//	outside = end of the previous commit → start of this one (apply,
+//	          placement, marshalling, sending, and waiting for events)
+//
+// Under sustained load the loop never waits for events, and turn is the
+// loop's whole cycle; the placement cycle inside it comes from the
+// engine's Observer (loopRecorder). Turns that write nothing are not seen.
+type commitTap struct {
+	writerKey []byte
+	leasesKey []byte
+	origin    time.Time
+
+	mu      sync.Mutex
+	lastCtx context.Context // kept referenced so its address is not reused
+	txns    []txnRec
+}
+
+type txnRec struct {
+	start, end time.Duration // since origin
+	ops        int32
+	leasePuts  int32
+	newCommit  bool
+}
+
+func newCommitTap(prefix string) *commitTap {
+	return &commitTap{writerKey: []byte(prefix + "/meta/writer"), leasesKey: []byte(prefix + "/leases/"), origin: time.Now()}
+}
+
+// wrap installs the tap on cli.
+func (t *commitTap) wrap(cli *clientv3.Client) {
+	cli.KV = &tapKV{KV: cli.KV, tap: t}
+}
+
+type tapKV struct {
+	clientv3.KV
+	tap *commitTap
+}
+
+func (k *tapKV) Txn(ctx context.Context) clientv3.Txn {
+	return &tapTxn{Txn: k.KV.Txn(ctx), ctx: ctx, tap: k.tap}
+}
+
+type tapTxn struct {
+	clientv3.Txn
+	ctx       context.Context
+	tap       *commitTap
+	ops       int
+	leasePuts int
+	scheduler bool
+}
+
+func (t *tapTxn) If(cs ...clientv3.Cmp) clientv3.Txn { t.Txn = t.Txn.If(cs...); return t }
+func (t *tapTxn) Else(ops ...clientv3.Op) clientv3.Txn {
+	t.Txn = t.Txn.Else(ops...)
+	return t
+}
+
+func (t *tapTxn) Then(ops ...clientv3.Op) clientv3.Txn {
+	t.ops += len(ops)
+	for _, op := range ops {
+		k := op.KeyBytes()
+		if bytes.Equal(k, t.tap.writerKey) {
+			t.scheduler = true
+		} else if op.IsPut() && bytes.HasPrefix(k, t.tap.leasesKey) {
+			t.leasePuts++
+		}
+	}
+	t.Txn = t.Txn.Then(ops...)
+	return t
+}
+
+func (t *tapTxn) Commit() (*clientv3.TxnResponse, error) {
+	if !t.scheduler {
+		return t.Txn.Commit()
+	}
+	start := time.Since(t.tap.origin)
+	resp, err := t.Txn.Commit()
+	end := time.Since(t.tap.origin)
+	t.tap.mu.Lock()
+	defer t.tap.mu.Unlock()
+	newCommit := t.tap.lastCtx != t.ctx
+	t.tap.lastCtx = t.ctx
+	t.tap.txns = append(t.tap.txns, txnRec{start: start, end: end, ops: int32(t.ops), leasePuts: int32(t.leasePuts), newCommit: newCommit})
+	return resp, err
+}
+
+// CommitStats is what the tap saw over a window.
+type CommitStats struct {
+	Window     Millis  `json:"window_ms"`
+	Txns       int     `json:"txns"`
+	Commits    int     `json:"commits"`
+	Ops        int64   `json:"ops"`
+	LeasePuts  int64   `json:"lease_puts"`
+	KeysPerSec float64 `json:"keys_per_sec"`
+	// BusyFraction is the share of the window the loop spent waiting on
+	// etcd commits.
+	BusyFraction float64 `json:"etcd_busy_fraction"`
+	OpsPerTxn    float64 `json:"mean_ops_per_txn"`
+	// Txn is one transaction's latency; Commit a whole turn's commit;
+	// Turn the interval between the ends of consecutive commits (the
+	// scheduling cycle under load); Outside the loop's time between
+	// commits.
+	Txn     Percentiles `json:"txn"`
+	Commit  Percentiles `json:"commit"`
+	Turn    Percentiles `json:"turn"`
+	Outside Percentiles `json:"outside"`
+}
+
+// stats summarizes the transactions since the last reset; with reset, it
+// starts a new window.
+func (t *commitTap) stats(windowStart time.Time, reset bool) CommitStats {
+	t.mu.Lock()
+	txns := t.txns
+	if reset {
+		t.txns = nil
+	} else {
+		txns = append([]txnRec(nil), txns...)
+	}
+	t.mu.Unlock()
+	window := time.Since(windowStart)
+	s := CommitStats{Window: ms(window), Txns: len(txns)}
+	var txnD, commitD, turnD, outsideD []time.Duration
+	var busy time.Duration
+	var cur *struct{ start, end time.Duration }
+	var prevEnd time.Duration
+	havePrev := false
+	flush := func() {
+		if cur == nil {
+			return
+		}
+		commitD = append(commitD, cur.end-cur.start)
+		busy += cur.end - cur.start
+		if havePrev {
+			turnD = append(turnD, cur.end-prevEnd)
+			outsideD = append(outsideD, cur.start-prevEnd)
+		}
+		prevEnd, havePrev = cur.end, true
+		s.Commits++
+	}
+	for _, x := range txns {
+		s.Ops += int64(x.ops)
+		s.LeasePuts += int64(x.leasePuts)
+		txnD = append(txnD, x.end-x.start)
+		if x.newCommit || cur == nil {
+			flush()
+			cur = &struct{ start, end time.Duration }{x.start, x.end}
+		} else {
+			cur.end = x.end
+		}
+	}
+	flush()
+	s.KeysPerSec = rate(s.Ops, window)
+	if window > 0 {
+		s.BusyFraction = busy.Seconds() / window.Seconds()
+	}
+	if s.Txns > 0 {
+		s.OpsPerTxn = float64(s.Ops) / float64(s.Txns)
+	}
+	s.Txn, s.Commit, s.Turn, s.Outside = summarize(txnD), summarize(commitD), summarize(turnD), summarize(outsideD)
+	return s
+}
+
+// loopRecorder is the engine's Observer in the sim's replica: it keeps
+// every placement cycle's and commit's wall time, and each job's wait from
+// creation to its first lease, as the engine measures them.
+type loopRecorder struct {
+	mu                     sync.Mutex
+	cycles, commits, leads []time.Duration
+}
+
+func (r *loopRecorder) ScheduleCycle(d time.Duration) { r.add(&r.cycles, d) }
+func (r *loopRecorder) Commit(d time.Duration)        { r.add(&r.commits, d) }
+func (r *loopRecorder) SubmitToLease(d time.Duration) { r.add(&r.leads, d) }
+
+func (r *loopRecorder) add(s *[]time.Duration, d time.Duration) {
+	r.mu.Lock()
+	*s = append(*s, d)
+	r.mu.Unlock()
+}
+
+// EngineStats is what the engine itself timed over a window.
+type EngineStats struct {
+	// Cycle is one placement cycle (engine.schedule: snapshot, policy
+	// order, placement, reasons, grants), the engine's
+	// gpusched_schedule_cycle_duration_seconds.
+	Cycle Percentiles `json:"placement_cycle"`
+	// CycleBusy is the share of the window spent in placement cycles.
+	CycleBusy float64 `json:"placement_cycle_busy_fraction"`
+	// Commit is one turn's commit to etcd, as the engine times it.
+	Commit Percentiles `json:"commit"`
+	// SubmitToLease is creation → first lease, by the leader's clock.
+	SubmitToLease Percentiles `json:"submit_to_lease"`
+}
+
+func (r *loopRecorder) stats(window time.Duration, reset bool) EngineStats {
+	r.mu.Lock()
+	cycles, commits, leads := r.cycles, r.commits, r.leads
+	if reset {
+		r.cycles, r.commits, r.leads = nil, nil, nil
+	} else {
+		cycles = append([]time.Duration(nil), cycles...)
+		commits = append([]time.Duration(nil), commits...)
+		leads = append([]time.Duration(nil), leads...)
+	}
+	r.mu.Unlock()
+	var busy time.Duration
+	for _, d := range cycles {
+		busy += d
+	}
+	s := EngineStats{Cycle: summarize(cycles), Commit: summarize(commits), SubmitToLease: summarize(leads)}
+	if window > 0 {
+		s.CycleBusy = busy.Seconds() / window.Seconds()
+	}
+	return s
+}
