@@ -150,6 +150,9 @@ type Engine struct {
 	newWork   bool
 	pacer     cyclePacer
 	deadlines deadlineHeap
+	// cycleBufs and nodeOrder are reused by every placement cycle.
+	cycleBufs cycleBufs
+	nodeOrder []*nodeEntry
 }
 
 // outMsg is a command for one agent, sent after the turn commits.

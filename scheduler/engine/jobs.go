@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -193,14 +194,18 @@ func (e *Engine) schedule() {
 	if len(e.queue.jobs) == 0 {
 		return
 	}
-	var free, all []placement.Node
+	// The cycle's inputs reuse last cycle's buffers: a deep queue made
+	// rebuilding them the bulk of the garbage. The snapshot refers to them
+	// only for this call.
+	b := &e.cycleBufs
+	b.free, b.all = b.free[:0], b.all[:0]
 	usage := map[string]placement.Usage{}
-	for _, n := range e.nodes {
+	for _, n := range e.nodesInOrder() {
 		pn := placement.Node{ID: n.node.ID, GPUModel: n.node.Inventory.GPUModel, GPUCount: n.node.Inventory.GPUCount,
 			GPUMemoryBytes: n.node.Inventory.GPUMemoryBytes, Labels: n.node.EffectiveLabels()}
-		all = append(all, pn)
+		b.all = append(b.all, pn)
 		if n.placeable() {
-			free = append(free, pn)
+			b.free = append(b.free, pn)
 		}
 		if le := e.leases[n.lease]; n.lease != "" && le != nil {
 			u := usage[le.lease.Tenant]
@@ -213,16 +218,17 @@ func (e *Engine) schedule() {
 		}
 	}
 	now := e.cfg.Now()
-	reqs := make([]placement.Request, len(e.queue.jobs))
-	for i, j := range e.queue.jobs {
-		reqs[i] = placement.Request{JobID: j.ID, Nodes: j.Spec.Nodes, GPUModel: j.Spec.GPUModel, GPUsPerNode: j.Spec.GPUsPerNode,
+	jobs := e.queue.jobs
+	b.reqs = slices.Grow(b.reqs[:0], len(jobs))[:len(jobs)]
+	for i, j := range jobs {
+		b.reqs[i] = placement.Request{JobID: j.ID, Nodes: j.Spec.Nodes, GPUModel: j.Spec.GPUModel, GPUsPerNode: j.Spec.GPUsPerNode,
 			MinGPUMemoryBytes: j.Spec.MinGPUMemoryBytes, Selector: j.Spec.Selector,
 			Tenant: j.Spec.Tenant, Queue: j.Spec.Queue, Priority: j.Spec.Priority, Seq: j.Seq, Waited: now.Sub(j.CreateTime)}
 		switch {
 		case j.Spec.Topology != "":
-			reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.Topology), Required: true}
+			b.reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.Topology), Required: true}
 		case j.Spec.PreferTopology != "":
-			reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.PreferTopology)}
+			b.reqs[i].Topology = placement.Topology{Key: model.TopologyLabel(j.Spec.PreferTopology)}
 		}
 	}
 	policy := placement.Policy{Tenants: map[string]placement.Tenant{}, Queues: map[string]placement.Queue{},
@@ -233,14 +239,36 @@ func (e *Engine) schedule() {
 	for name, q := range e.queues {
 		policy.Queues[name] = placement.Queue{Name: name, Priority: q.Priority, Weight: q.Weight, Paused: q.Paused}
 	}
-	plan := placement.Schedule(placement.NewSnapshot(free, all), policy, reqs)
-	for id, why := range plan.Pending {
-		e.jobs[id].Reason = why
+	plan := placement.Schedule(placement.NewSnapshot(b.free, b.all), policy, b.reqs)
+	for i, why := range plan.Why {
+		if why != "" {
+			jobs[i].Reason = why
+		}
 	}
 	for _, a := range plan.Assignments {
 		e.grant(e.jobs[a.JobID], a.Nodes)
 	}
 	e.queue.compact()
+}
+
+// cycleBufs are a placement cycle's inputs, kept between cycles.
+type cycleBufs struct {
+	free, all []placement.Node
+	reqs      []placement.Request
+}
+
+// nodesInOrder returns every node in ID order, so the snapshot's free
+// lists come pre-sorted. Nodes are added (never removed) by registration,
+// so the order is rebuilt only when the count changes.
+func (e *Engine) nodesInOrder() []*nodeEntry {
+	if len(e.nodeOrder) != len(e.nodes) {
+		e.nodeOrder = e.nodeOrder[:0]
+		for _, n := range e.nodes {
+			e.nodeOrder = append(e.nodeOrder, n)
+		}
+		slices.SortFunc(e.nodeOrder, func(a, b *nodeEntry) int { return strings.Compare(a.node.ID, b.node.ID) })
+	}
+	return e.nodeOrder
 }
 
 // grant creates a lease of nodes for job and tells the agents to start.

@@ -201,8 +201,8 @@ func TestPlaceConstraints(t *testing.T) {
 			if c.pending == nil {
 				c.pending = map[string]string{}
 			}
-			if !reflect.DeepEqual(plan.Pending, c.pending) {
-				t.Errorf("pending = %v, want %v", plan.Pending, c.pending)
+			if !reflect.DeepEqual(plan.PendingReasons(), c.pending) {
+				t.Errorf("pending = %v, want %v", plan.PendingReasons(), c.pending)
 			}
 			if again := Place(s, c.reqs); !reflect.DeepEqual(again, plan) {
 				t.Errorf("a second Place on the same snapshot = %v, want %v (snapshot modified?)", again, plan)

@@ -102,7 +102,11 @@ func NewSnapshot(free, all []Node) *Snapshot {
 	}
 	for b := range s.buckets {
 		bk := &s.buckets[b]
-		sort.Slice(bk.freeIdx, func(i, j int) bool { return free[bk.freeIdx[i]].ID < free[bk.freeIdx[j]].ID })
+		// Callers that list nodes in ID order (the engine does) skip the sort.
+		byID := func(a, b int32) int { return strings.Compare(free[a].ID, free[b].ID) }
+		if !slices.IsSortedFunc(bk.freeIdx, byID) {
+			slices.SortFunc(bk.freeIdx, byID)
+		}
 		if len(bk.allIdx) < len(bk.freeIdx) {
 			// A free node is always known; tolerate callers that forgot it.
 			bk.all, bk.allIdx = free, bk.freeIdx
@@ -222,8 +226,23 @@ type Assignment struct {
 // Plan is the output of one cycle.
 type Plan struct {
 	Assignments []Assignment
-	// Pending maps each request that was not placed to why it waits.
-	Pending map[string]string
+	// Why holds, by index of the requests given, why each request that was
+	// not placed waits; "" for a placed one. (A slice, not a map by job ID:
+	// a deep queue made that map the most expensive part of a cycle.)
+	Why []string
+	// reqs are the requests Why is indexed by.
+	reqs []Request
+}
+
+// PendingReasons maps each request that was not placed to why it waits.
+func (p Plan) PendingReasons() map[string]string {
+	out := make(map[string]string)
+	for i, why := range p.Why {
+		if why != "" {
+			out[p.reqs[i].JobID] = why
+		}
+	}
+	return out
 }
 
 // cursor is a cycle's per-bucket consumption state; the Snapshot is untouched.
@@ -266,10 +285,22 @@ type cycle struct {
 	cur           []cursor
 	cands, cands2 []candidate // scratch, reused across requests
 	holds         int         // nodes held (Schedule only)
+	// reasons memoizes the why-pending text of simple requests: a deep
+	// queue holds many requests of one shape facing the same free count,
+	// and formatting each one's reason anew dominated a cycle.
+	reasons map[simpleReasonKey]outcome
+}
+
+// simpleReasonKey is everything a simple request's reason depends on.
+type simpleReasonKey struct {
+	nodes, gpus int
+	model       string
+	mem         uint64
+	free        int
 }
 
 func newCycle(s *Snapshot) *cycle {
-	c := &cycle{s: s, cur: make([]cursor, len(s.buckets))}
+	c := &cycle{s: s, cur: make([]cursor, len(s.buckets)), reasons: map[simpleReasonKey]outcome{}}
 	for b := range c.cur {
 		c.cur[b].state = make([]uint8, len(s.buckets[b].freeIdx))
 	}
@@ -292,12 +323,12 @@ func newCycle(s *Snapshot) *cycle {
 // intersects short posting lists instead of scanning a bucket, and domain
 // counts come from list lengths minus what this call has taken.
 func Place(s *Snapshot, reqs []Request) Plan {
-	plan := Plan{Pending: map[string]string{}}
+	plan := Plan{Why: make([]string, len(reqs)), reqs: reqs}
 	c := newCycle(s)
-	for _, r := range reqs {
+	for i, r := range reqs {
 		a := c.attempt(r, nil)
 		if !a.ok {
-			plan.Pending[r.JobID] = a.why
+			plan.Why[i] = a.why
 			continue
 		}
 		plan.Assignments = append(plan.Assignments, Assignment{JobID: r.JobID, Nodes: c.commit(a.pick)})
@@ -336,8 +367,13 @@ func (c *cycle) attempt(r Request, budget map[string]int) outcome {
 		if budget != nil && c.simpleFree(r, nil, false) >= r.Nodes {
 			return outcome{capped: true}
 		}
-		why, wait := c.s.reason(r, free, nil)
-		return outcome{why: why, wait: wait}
+		k := simpleReasonKey{nodes: r.Nodes, gpus: r.GPUsPerNode, model: r.GPUModel, mem: r.MinGPUMemoryBytes, free: free}
+		o, ok := c.reasons[k]
+		if !ok {
+			o.why, o.wait = c.s.reason(r, free, nil)
+			c.reasons[k] = o
+		}
+		return o
 	}
 
 	c.cands = c.candidates(r, budget, false, c.cands[:0])

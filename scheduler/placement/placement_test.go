@@ -101,8 +101,8 @@ func TestPlace(t *testing.T) {
 			if c.pending == nil {
 				c.pending = map[string]string{}
 			}
-			if !reflect.DeepEqual(plan.Pending, c.pending) {
-				t.Errorf("pending = %v, want %v", plan.Pending, c.pending)
+			if !reflect.DeepEqual(plan.PendingReasons(), c.pending) {
+				t.Errorf("pending = %v, want %v", plan.PendingReasons(), c.pending)
 			}
 		})
 	}
@@ -190,8 +190,8 @@ func TestPlaceNeverDoubleAssigns(t *testing.T) {
 	for seed := range 200 {
 		free, all, reqs := randomCase(seed, false)
 		plan := Place(NewSnapshot(free, all), reqs)
-		if len(plan.Assignments)+len(plan.Pending) != len(reqs) {
-			t.Fatalf("seed %d: %d placed + %d pending != %d requests", seed, len(plan.Assignments), len(plan.Pending), len(reqs))
+		if len(plan.Assignments)+len(plan.PendingReasons()) != len(reqs) {
+			t.Fatalf("seed %d: %d placed + %d pending != %d requests", seed, len(plan.Assignments), len(plan.PendingReasons()), len(reqs))
 		}
 		avail := map[string]Node{} // free and not yet assigned
 		for _, n := range free {
@@ -230,9 +230,9 @@ func TestPlaceNeverDoubleAssigns(t *testing.T) {
 			}
 			if a == nil {
 				if feasible {
-					t.Fatalf("seed %d: job %+v waits (%q) but fits", seed, r, plan.Pending[r.JobID])
+					t.Fatalf("seed %d: job %+v waits (%q) but fits", seed, r, plan.PendingReasons()[r.JobID])
 				}
-				if plan.Pending[r.JobID] == "" {
+				if plan.PendingReasons()[r.JobID] == "" {
 					t.Fatalf("seed %d: job %s neither placed nor explained", seed, r.JobID)
 				}
 				continue
@@ -240,7 +240,7 @@ func TestPlaceNeverDoubleAssigns(t *testing.T) {
 			if !feasible {
 				t.Fatalf("seed %d: job %+v placed on %v but does not fit", seed, r, a.Nodes)
 			}
-			if _, ok := plan.Pending[r.JobID]; ok {
+			if _, ok := plan.PendingReasons()[r.JobID]; ok {
 				t.Fatalf("seed %d: job %s both placed and pending", seed, r.JobID)
 			}
 			if len(a.Nodes) != r.Nodes {

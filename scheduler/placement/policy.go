@@ -70,7 +70,7 @@ const DefaultQueue = "default"
 // one that fits elsewhere is placed. One holder per cycle.
 func Schedule(s *Snapshot, p Policy, reqs []Request) Plan {
 	// Most requests of a large backlog stay pending: size for them.
-	plan := Plan{Pending: make(map[string]string, len(reqs))}
+	plan := Plan{Why: make([]string, len(reqs)), reqs: reqs}
 	c := newCycle(s)
 	sc := newScheduler(s, p)
 
@@ -79,6 +79,7 @@ func Schedule(s *Snapshot, p Policy, reqs []Request) Plan {
 	type gk struct{ queue, tenant string }
 	groups := map[gk]*group{}
 	var order []*group
+	paused := map[string]string{} // queue -> reason, formatted once
 	for i := range reqs {
 		r := &reqs[i]
 		qn := r.Queue
@@ -87,7 +88,10 @@ func Schedule(s *Snapshot, p Policy, reqs []Request) Plan {
 		}
 		q := p.Queues[qn]
 		if q.Paused {
-			plan.Pending[r.JobID] = fmt.Sprintf("queue %s paused", qn)
+			if paused[qn] == "" {
+				paused[qn] = fmt.Sprintf("queue %s paused", qn)
+			}
+			plan.Why[i] = paused[qn]
 			continue
 		}
 		k := gk{qn, r.Tenant}
@@ -129,9 +133,11 @@ func Schedule(s *Snapshot, p Policy, reqs []Request) Plan {
 
 	var holder *Request
 	var holderQueue string
+	var behind string // the reason of requests behind holder, formatted once
 	for len(h) > 0 {
 		g := h[0]
-		r := reqs[g.reqs[g.next].i]
+		ri := g.reqs[g.next].i
+		r := reqs[ri]
 		g.next++
 		if g.next == len(g.reqs) {
 			heap.Pop(&h)
@@ -141,7 +147,7 @@ func Schedule(s *Snapshot, p Policy, reqs []Request) Plan {
 		t := g.t
 		why, budget := t.check(r)
 		if why != "" {
-			plan.Pending[r.JobID] = why
+			plan.Why[ri] = why
 			continue
 		}
 		a := c.attempt(r, budget)
@@ -160,11 +166,14 @@ func Schedule(s *Snapshot, p Policy, reqs []Request) Plan {
 				}
 			}
 		case a.behind:
-			plan.Pending[r.JobID] = fmt.Sprintf("behind job %s (needs %s) in queue %s", holder.JobID, holder.describe(), holderQueue)
+			if behind == "" {
+				behind = fmt.Sprintf("behind job %s (needs %s) in queue %s", holder.JobID, holder.describe(), holderQueue)
+			}
+			plan.Why[ri] = behind
 		case a.capped:
-			plan.Pending[r.JobID] = t.cappedReason(c, r, budget)
+			plan.Why[ri] = t.cappedReason(c, r, budget)
 		default:
-			plan.Pending[r.JobID] = a.why
+			plan.Why[ri] = a.why
 			if a.wait && holder == nil && c.hold(r, budget) > 0 {
 				holder, holderQueue = &r, g.queue
 			}
@@ -255,6 +264,17 @@ type tenantState struct {
 	perModel map[string]int
 	share    float64 // dominant share / weight
 	groups   []*group
+	// atQuota and atModelQuota cache the "at quota" reasons, which every
+	// waiting request of a full tenant shares, keyed by the usage they
+	// were formatted at.
+	atQuota      quotaReason
+	atModelQuota map[string]quotaReason
+}
+
+// quotaReason is a formatted reason and the usage it describes.
+type quotaReason struct {
+	nodes int
+	why   string
 }
 
 func (sc *scheduler) tenant(name string) *tenantState {
@@ -300,7 +320,12 @@ func (t *tenantState) check(r Request) (string, map[string]int) {
 			return fmt.Sprintf("needs %d nodes; tenant %s quota is %d nodes", r.Nodes, t.name, lim), nil
 		}
 		if t.nodes+r.Nodes > lim {
-			return fmt.Sprintf("tenant %s at quota (%d/%d nodes)", t.name, t.nodes, lim), nil
+			// Every waiting request of a tenant at quota gets this text:
+			// format it once per usage level, not once per request.
+			if t.atQuota.nodes != t.nodes || t.atQuota.why == "" {
+				t.atQuota.nodes, t.atQuota.why = t.nodes, fmt.Sprintf("tenant %s at quota (%d/%d nodes)", t.name, t.nodes, lim)
+			}
+			return t.atQuota.why, nil
 		}
 	}
 	caps := t.spec.MaxNodesPerModel
@@ -314,7 +339,16 @@ func (t *tenantState) check(r Request) (string, map[string]int) {
 		case r.Nodes > lim:
 			return fmt.Sprintf("needs %d %s nodes; tenant %s quota is %d %s nodes", r.Nodes, r.GPUModel, t.name, lim, r.GPUModel), nil
 		case t.perModel[r.GPUModel]+r.Nodes > lim:
-			return fmt.Sprintf("tenant %s at quota for %s (%d/%d nodes)", t.name, r.GPUModel, t.perModel[r.GPUModel], lim), nil
+			used := t.perModel[r.GPUModel]
+			q, ok := t.atModelQuota[r.GPUModel]
+			if !ok || q.nodes != used {
+				if t.atModelQuota == nil {
+					t.atModelQuota = map[string]quotaReason{}
+				}
+				q = quotaReason{nodes: used, why: fmt.Sprintf("tenant %s at quota for %s (%d/%d nodes)", t.name, r.GPUModel, used, lim)}
+				t.atModelQuota[r.GPUModel] = q
+			}
+			return q.why, nil
 		}
 		return "", nil
 	}

@@ -258,8 +258,8 @@ func TestSchedule(t *testing.T) {
 			if c.pending == nil {
 				c.pending = map[string]string{}
 			}
-			if !reflect.DeepEqual(plan.Pending, c.pending) {
-				t.Errorf("pending = %v, want %v", plan.Pending, c.pending)
+			if !reflect.DeepEqual(plan.PendingReasons(), c.pending) {
+				t.Errorf("pending = %v, want %v", plan.PendingReasons(), c.pending)
 			}
 		})
 	}
@@ -285,8 +285,8 @@ func TestScheduleHoldsRackForRequiredTopology(t *testing.T) {
 		"gang": "needs 4 nodes in one rack; best rack has 3 free",
 		"pair": "behind job gang (needs 4 nodes in one rack) in queue default",
 	}
-	if !reflect.DeepEqual(plan.Pending, wantPending) {
-		t.Errorf("pending = %v, want %v", plan.Pending, wantPending)
+	if !reflect.DeepEqual(plan.PendingReasons(), wantPending) {
+		t.Errorf("pending = %v, want %v", plan.PendingReasons(), wantPending)
 	}
 }
 
@@ -350,8 +350,8 @@ func TestScheduleProperties(t *testing.T) {
 		}
 		p := randomPolicy(seed, reqs)
 		plan := Schedule(NewSnapshot(free, all), p, reqs)
-		if len(plan.Assignments)+len(plan.Pending) != len(reqs) {
-			t.Fatalf("seed %d: %d placed + %d pending != %d requests", seed, len(plan.Assignments), len(plan.Pending), len(reqs))
+		if len(plan.Assignments)+len(plan.PendingReasons()) != len(reqs) {
+			t.Fatalf("seed %d: %d placed + %d pending != %d requests", seed, len(plan.Assignments), len(plan.PendingReasons()), len(reqs))
 		}
 		byJob := map[string]Request{}
 		for _, r := range reqs {
@@ -371,7 +371,7 @@ func TestScheduleProperties(t *testing.T) {
 		}
 		for _, a := range plan.Assignments {
 			r := byJob[a.JobID]
-			if _, ok := plan.Pending[a.JobID]; ok {
+			if _, ok := plan.PendingReasons()[a.JobID]; ok {
 				t.Fatalf("seed %d: job %s both placed and pending", seed, a.JobID)
 			}
 			if p.Queues[r.Queue].Paused {
@@ -414,7 +414,7 @@ func TestScheduleProperties(t *testing.T) {
 				}
 			}
 		}
-		for id, why := range plan.Pending {
+		for id, why := range plan.PendingReasons() {
 			if why == "" {
 				t.Fatalf("seed %d: job %s pending without a reason", seed, id)
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -231,45 +232,87 @@ func (s *Store) scan(ctx context.Context, prefix string, rev int64, fn func(key 
 	}
 }
 
-// Commit writes changes in as few fenced transactions as possible. Each
-// Change lands atomically; jobSeq, when non-zero, is written in the first
-// transaction so no job ID can ever be handed out twice. It returns ErrFenced
-// if the fence no longer holds. On any error the caller must assume an
-// unknown prefix of the transactions committed and rebuild from etcd.
-// On success it returns the etcd revision of the last transaction (0 when
-// there was nothing to write): every change is visible at that revision.
+// Commit writes changes in as few fenced transactions as possible, sent
+// to etcd concurrently (at most MaxConcurrentTxns at a time): one after
+// another, a turn's transactions were the bulk of the leader's loop. Each
+// Change lands atomically, and no key is written by two of the
+// transactions, so the order in which they apply does not matter. jobSeq,
+// when non-zero, is written in every transaction, so whichever of them
+// commits, no job ID it holds can ever be handed out again. Commit returns
+// ErrFenced if the fence no longer holds. On any error the caller must
+// assume an unknown subset of the transactions committed and rebuild from
+// etcd. On success it returns the highest etcd revision of the
+// transactions (0 when there was nothing to write): every change is
+// visible at that revision.
 func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSeq uint64) (int64, error) {
 	// Every transaction also records its writer's token, so etcd's history
 	// shows which leader made each revision (see internal/invariants).
+	keys := map[string]bool{} // shared: a key lands in one transaction only
 	newBatch := func() batch {
-		b := batch{keys: map[string]bool{}}
-		b.put(s.WriterKey(), strconv.FormatInt(fence.Revision, 10))
+		b := batch{keys: keys}
+		b.ops = append(b.ops, clientv3.OpPut(s.WriterKey(), strconv.FormatInt(fence.Revision, 10)))
+		if jobSeq > 0 {
+			b.ops = append(b.ops, clientv3.OpPut(s.seqKey(), strconv.FormatUint(jobSeq, 10)))
+		}
 		return b
 	}
+	base := len(newBatch().ops)
+	var batches [][]clientv3.Op
 	b := newBatch()
-	if jobSeq > 0 {
-		b.put(s.seqKey(), strconv.FormatUint(jobSeq, 10))
-	}
 	for _, c := range changes {
-		if len(b.ops)+c.ops() > MaxOpsPerTxn {
-			if _, err := s.txn(ctx, fence, b.ops); err != nil {
-				return 0, err
-			}
+		if len(b.ops)+c.ops() > MaxOpsPerTxn && len(b.ops) > base {
+			batches = append(batches, b.ops)
 			b = newBatch()
 		}
 		if err := s.appendOps(&b, c); err != nil {
 			return 0, err
 		}
 	}
-	if len(b.ops) == 1 { // only the writer record: nothing changed
-		return 0, nil
+	if len(b.ops) > base || (jobSeq > 0 && len(batches) == 0) {
+		batches = append(batches, b.ops)
 	}
-	return s.txn(ctx, fence, b.ops)
+	switch len(batches) {
+	case 0: // nothing changed
+		return 0, nil
+	case 1:
+		return s.txn(ctx, fence, batches[0])
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		rev   int64
+		first error
+		slots = make(chan struct{}, MaxConcurrentTxns)
+	)
+	for _, ops := range batches {
+		wg.Add(1)
+		slots <- struct{}{}
+		go func() {
+			defer func() { <-slots; wg.Done() }()
+			r, err := s.txn(ctx, fence, ops)
+			mu.Lock()
+			defer mu.Unlock()
+			rev = max(rev, r)
+			if err != nil && (first == nil || errors.Is(err, ErrFenced)) {
+				first = err
+			}
+		}()
+	}
+	wg.Wait()
+	if first != nil {
+		return 0, first
+	}
+	return rev, nil
 }
 
-// batch is the ops of one transaction. etcd rejects a key put twice in one
-// transaction; a record changed twice in one turn is the same object, so
-// its first put already carries the final value and later ones are dropped.
+// MaxConcurrentTxns bounds the transactions one Commit has in flight.
+const MaxConcurrentTxns = 4
+
+// batch is the ops of one transaction; keys is shared by every batch of a
+// Commit. etcd rejects a key put twice in one transaction, and concurrent
+// transactions must not race on a key; a record changed twice in one turn
+// is the same object, so its first put already carries the final value and
+// later ones are dropped.
 type batch struct {
 	ops  []clientv3.Op
 	keys map[string]bool
