@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -11,9 +12,12 @@ import (
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"go.uber.org/zap"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
 
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/nodeagent/runner"
@@ -228,34 +232,16 @@ func (a *Agent) Run(ctx context.Context) error {
 	if w := a.watchXIDs(); w != nil {
 		monitors.Go(func() { a.xidLoop(monCtx, w) })
 	}
-	backoff, failed, next, hint := minBackoff, 0, 0, ""
+	d := newDialPlan(a.cfg.Servers, rand.Int64N)
 	for ctx.Err() == nil {
-		server := hint
-		if server == "" {
-			server = a.cfg.Servers[next%len(a.cfg.Servers)]
-			next++
-		}
+		server := d.server()
 		end := a.serve(ctx, server)
 		if ctx.Err() != nil {
 			break
 		}
-		// A follower names the leader: go there at once. Otherwise try the
-		// next endpoint soon, and back off only after a whole round of
-		// endpoints failed, so a failover costs one election, not minutes.
-		delay := backoff
-		hint = ""
-		switch {
-		case end.welcomed:
-			backoff, failed, delay = minBackoff, 0, minBackoff
-		case end.leaderHint != "" && end.leaderHint != server:
-			hint, delay = end.leaderHint, 0
-		default:
-			if failed++; failed%len(a.cfg.Servers) == 0 {
-				backoff = min(2*backoff, maxBackoff)
-			}
-		}
+		delay := d.ended(server, end)
 		a.log.Info("scheduler stream ended; reconnecting", zap.String("server", server), zap.Error(end.err),
-			zap.String("leader_hint", hint), zap.Duration("retry_in", delay))
+			zap.String("leader_hint", end.leaderHint), zap.Bool("no_leader", end.noLeader), zap.Duration("retry_in", delay))
 		select {
 		case <-ctx.Done():
 		case <-time.After(delay):
@@ -264,13 +250,77 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// Reconnect pacing. The ceiling is low on purpose: while no replica leads,
-// agents retry, and the first retry after an election is what ends a
-// failover; a connection attempt on loopback or a LAN costs little.
+// Reconnect pacing. An endpoint that cannot be reached is left for the
+// next one soon, and the agent backs off only after a whole round of
+// endpoints failed, up to maxBackoff: the ceiling is low on purpose, so a
+// failover costs one election, not minutes.
+//
+// A replica that answers but has no leader to offer (ErrorInfo NO_LEADER:
+// it leads but is still loading its state, or no leader is elected) is
+// different: the agent waits from minBackoff, doubling up to
+// maxNoLeaderWait, each wait drawn at random from its upper half. Ten
+// thousand agents retrying every few hundred milliseconds while a leader
+// loads would cost it tens of thousands of refused streams a second.
 const (
-	minBackoff = 100 * time.Millisecond
-	maxBackoff = 500 * time.Millisecond
+	minBackoff      = 100 * time.Millisecond
+	maxBackoff      = 500 * time.Millisecond
+	maxNoLeaderWait = 5 * time.Second
 )
+
+// dialPlan picks the endpoint of each connection attempt and the pause
+// before it, from how the previous stream ended.
+type dialPlan struct {
+	servers []string
+	next    int    // the endpoint after the last one tried in turn
+	hint    string // the endpoint to try next, named by a replica
+	failed  int    // attempts since the last welcome that reached no replica
+	backoff time.Duration
+	wait    time.Duration       // the next no-leader wait's upper bound
+	randN   func(n int64) int64 // [0, n)
+}
+
+func newDialPlan(servers []string, randN func(int64) int64) *dialPlan {
+	return &dialPlan{servers: servers, backoff: minBackoff, wait: minBackoff, randN: randN}
+}
+
+// server is the endpoint to dial now: the one a replica named, else the
+// next in turn.
+func (d *dialPlan) server() string {
+	if s := d.hint; s != "" {
+		return s
+	}
+	s := d.servers[d.next%len(d.servers)]
+	d.next++
+	return s
+}
+
+// ended records how the stream to server ended and returns how long to
+// wait before the next attempt.
+func (d *dialPlan) ended(server string, end sessionEnd) time.Duration {
+	d.hint = ""
+	switch {
+	case end.welcomed:
+		d.backoff, d.wait, d.failed = minBackoff, minBackoff, 0
+		return minBackoff
+	case end.leaderHint != "" && end.leaderHint != server:
+		// Another replica leads: go there at once.
+		d.hint = end.leaderHint
+		return 0
+	case end.noLeader:
+		if end.leaderHint == server {
+			// This replica leads and is still loading: come back to it.
+			d.hint = server
+		}
+		w := d.wait/2 + time.Duration(d.randN(int64(d.wait/2)+1))
+		d.wait = min(2*d.wait, maxNoLeaderWait)
+		return w
+	default:
+		if d.failed++; d.failed%len(d.servers) == 0 {
+			d.backoff = min(2*d.backoff, maxBackoff)
+		}
+		return d.backoff
+	}
+}
 
 // leaderTrailer is the trailer in which a follower that refuses the stream
 // names the leader's address (see AgentService in agent_service.proto).
@@ -279,8 +329,34 @@ const leaderTrailer = "gpusched-leader"
 // sessionEnd is how one stream ended.
 type sessionEnd struct {
 	welcomed   bool   // the scheduler accepted the agent on it
-	leaderHint string // a follower's pointer to the leader
-	err        error
+	leaderHint string // the leader's address, named by the replica that refused the stream
+	// noLeader: a replica refused the stream because no leader is ready
+	// (ErrorInfo NO_LEADER): it leads but is still loading, or none is
+	// elected, or it knows of none.
+	noLeader bool
+	err      error
+}
+
+// The ErrorInfo a replica attaches when it cannot serve for want of a
+// leader (scheduler/api's ReasonNoLeader and ErrorDomain; not imported, to
+// keep the scheduler out of the agent's dependencies).
+const (
+	reasonNoLeader = "NO_LEADER"
+	errorDomain    = "gpusched.io"
+)
+
+// isNoLeader reports whether err is a replica's NO_LEADER refusal.
+func isNoLeader(err error) bool {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.Unavailable {
+		return false
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == reasonNoLeader && info.GetDomain() == errorDomain {
+			return true
+		}
+	}
+	return false
 }
 
 // Heartbeat intervals: the default until the scheduler's Welcome says
@@ -431,6 +507,7 @@ func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) erro
 			if hint := stream.Trailer().Get(leaderTrailer); len(hint) > 0 {
 				end.leaderHint = hint[0]
 			}
+			end.noLeader = !end.welcomed && isNoLeader(err)
 			return err
 		}
 		lastRecv.Store(time.Now().UnixNano())

@@ -2,12 +2,16 @@ package scheduler
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
@@ -72,31 +76,102 @@ func (s *Scheduler) Status(ctx context.Context) (*pb.GetStatusResponse, error) {
 	return out, nil
 }
 
-// leaderAddr returns the gRPC address of the leading replica, when it is
-// another one.
-func (s *Scheduler) leaderAddr(ctx context.Context) (string, error) {
-	name, _, err := s.leader(ctx)
+// leaderView is who leads and where it listens, as this replica last saw
+// it in etcd.
+type leaderView struct {
+	name  string // "" while no leader is elected
+	token int64  // create revision of the leader's election key
+	addr  string // from the leader's replica record; "" until it is seen
+}
+
+// currentLeader returns who leads: the view kept by followLeader, or,
+// while that has none (before its first read, after a broken watch), a
+// read of etcd.
+func (s *Scheduler) currentLeader(ctx context.Context) (leaderView, error) {
+	if v := s.leaderSeen.Load(); v != nil {
+		return *v, nil
+	}
+	return s.readLeader(ctx)
+}
+
+// readLeader reads who leads and its address from etcd.
+func (s *Scheduler) readLeader(ctx context.Context) (leaderView, error) {
+	name, token, err := s.leader(ctx)
+	if err != nil || name == "" {
+		return leaderView{}, err
+	}
+	v := leaderView{name: name, token: token}
+	resp, err := s.cfg.Etcd.Get(ctx, s.replicaPrefix()+name)
+	if err != nil {
+		return leaderView{}, fmt.Errorf("scheduler: read replica %s: %w", name, err)
+	}
+	if len(resp.Kvs) > 0 {
+		if v.addr, err = replicaAddr(resp.Kvs[0].Value); err != nil {
+			return leaderView{}, fmt.Errorf("scheduler: corrupt replica record %s: %w", name, err)
+		}
+	}
+	return v, nil
+}
+
+func replicaAddr(record []byte) (string, error) {
+	var r pb.Replica
+	if err := proto.Unmarshal(record, &r); err != nil {
+		return "", err
+	}
+	return r.GetAddress(), nil
+}
+
+// peerAddr is the address of the leader named in v when it is another
+// replica, or why there is none.
+func (s *Scheduler) peerAddr(v leaderView) (string, error) {
+	switch {
+	case v.name == "":
+		return "", model.Errorf(model.ErrNotLeader, "no leader elected yet")
+	case v.name == s.cfg.Name:
+		return "", model.Errorf(model.ErrNotLeader, "this replica was just elected and is still loading")
+	case v.addr == "":
+		return "", model.Errorf(model.ErrNotLeader, "leader %s has not announced its address", v.name)
+	}
+	return v.addr, nil
+}
+
+// agentLeaderAddr is where a replica that cannot serve an agent sends it
+// (api.Backend.LeaderAddr): the leader's address, or this replica's own
+// while it leads but is still loading its state, so the agent comes back
+// here after a while. It reads no etcd while the view is kept: every
+// refused agent asks, thousands a second during a cold start.
+func (s *Scheduler) agentLeaderAddr(ctx context.Context) (string, error) {
+	if s.elected.Load() {
+		return s.cfg.Address, nil
+	}
+	v, err := s.currentLeader(ctx)
 	if err != nil {
 		return "", err
 	}
-	if name == "" {
-		return "", model.Errorf(model.ErrNotLeader, "no leader elected yet")
+	return s.peerAddr(v)
+}
+
+// leaderAddr returns the gRPC address of the leading replica, when it is
+// another one, for forwarding. It answers from the view; only when the
+// view names no usable leader (an election, or a change etcd has and the
+// watch has not delivered yet) does it read etcd, so a client is not
+// turned away by a view a few milliseconds old.
+func (s *Scheduler) leaderAddr(ctx context.Context) (string, error) {
+	if s.elected.Load() {
+		return "", model.Errorf(model.ErrNotLeader, "this replica leads and is still loading")
 	}
-	if name == s.cfg.Name {
-		return "", model.Errorf(model.ErrNotLeader, "this replica was just elected and is still loading")
-	}
-	resp, err := s.cfg.Etcd.Get(ctx, s.replicaPrefix()+name)
+	v, err := s.currentLeader(ctx)
 	if err != nil {
-		return "", fmt.Errorf("scheduler: read replica %s: %w", name, err)
+		return "", err
 	}
-	if len(resp.Kvs) == 0 {
-		return "", model.Errorf(model.ErrNotLeader, "leader %s has not announced its address", name)
+	addr, err := s.peerAddr(v)
+	if err == nil || s.leaderSeen.Load() == nil {
+		return addr, err // answered from the view, or already read
 	}
-	var r pb.Replica
-	if err := proto.Unmarshal(resp.Kvs[0].Value, &r); err != nil {
-		return "", fmt.Errorf("scheduler: corrupt replica record %s: %w", name, err)
+	if v, err = s.readLeader(ctx); err != nil {
+		return "", err
 	}
-	return r.GetAddress(), nil
+	return s.peerAddr(v)
 }
 
 // leaderConn returns a connection to the leading replica, for forwarding.
@@ -106,6 +181,126 @@ func (s *Scheduler) leaderConn(ctx context.Context) (*grpc.ClientConn, error) {
 		return nil, err
 	}
 	return s.peers.get(addr)
+}
+
+// followLeader keeps s.leaderSeen up to date from one etcd watch of the
+// election keys and the replica records, until ctx ends. While it has no
+// view (before its first read, after a broken watch) leaderSeen is nil and
+// callers read etcd themselves.
+func (s *Scheduler) followLeader(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := s.watchLeader(ctx)
+		s.leaderSeen.Store(nil)
+		if ctx.Err() != nil {
+			return
+		}
+		s.log.Debug("leader watch ended; watching again", zap.Error(err), zap.Duration("retry_in", backoff))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// watchLeader reads the election keys and replica records at one revision,
+// publishes the view and then follows both prefixes from the next
+// revision, publishing each change, until the watch fails or ctx ends.
+func (s *Scheduler) watchLeader(ctx context.Context) error {
+	// WithRequireLeader: a replica cut off from etcd's quorum loses its
+	// view (and falls back to reads, which fail) instead of keeping a
+	// stale one.
+	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	elPfx, repPfx := s.leaderPrefix()+"/", s.replicaPrefix()
+	resp, err := s.cfg.Etcd.Txn(ctx).Then(
+		clientv3.OpGet(elPfx, clientv3.WithPrefix()),
+		clientv3.OpGet(repPfx, clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return fmt.Errorf("scheduler: read leader: %w", err)
+	}
+	t := leaderTracker{candidates: map[string]candidate{}, addrs: map[string]string{}}
+	for _, kv := range resp.Responses[0].GetResponseRange().GetKvs() {
+		t.candidates[string(kv.Key)] = candidate{name: string(kv.Value), rev: kv.CreateRevision}
+	}
+	for _, kv := range resp.Responses[1].GetResponseRange().GetKvs() {
+		t.putReplica(strings.TrimPrefix(string(kv.Key), repPfx), kv.Value)
+	}
+	s.leaderSeen.Store(t.view())
+	from := clientv3.WithRev(resp.Header.Revision + 1)
+	// Both watches share the client's one watch stream (same context).
+	elWatch := s.cfg.Etcd.Watch(ctx, elPfx, clientv3.WithPrefix(), from)
+	repWatch := s.cfg.Etcd.Watch(ctx, repPfx, clientv3.WithPrefix(), from)
+	for {
+		var wr clientv3.WatchResponse
+		var ok, election bool
+		select {
+		case wr, ok = <-elWatch:
+			election = true
+		case wr, ok = <-repWatch:
+		}
+		if !ok {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return errors.New("scheduler: leader watch closed")
+		}
+		if err := wr.Err(); err != nil {
+			return fmt.Errorf("scheduler: leader watch: %w", err)
+		}
+		for _, ev := range wr.Events {
+			key := string(ev.Kv.Key)
+			switch {
+			case election && ev.Type == clientv3.EventTypePut:
+				t.candidates[key] = candidate{name: string(ev.Kv.Value), rev: ev.Kv.CreateRevision}
+			case election:
+				delete(t.candidates, key)
+			case ev.Type == clientv3.EventTypePut:
+				t.putReplica(strings.TrimPrefix(key, repPfx), ev.Kv.Value)
+			default:
+				delete(t.addrs, strings.TrimPrefix(key, repPfx))
+			}
+		}
+		if len(wr.Events) > 0 {
+			s.leaderSeen.Store(t.view())
+		}
+	}
+}
+
+// leaderTracker is the state behind the view: every election key (the one
+// created first leads) and every replica's address.
+type leaderTracker struct {
+	candidates map[string]candidate // election key → campaigner
+	addrs      map[string]string    // replica name → address
+}
+
+type candidate struct {
+	name string
+	rev  int64 // create revision
+}
+
+func (t *leaderTracker) putReplica(name string, record []byte) {
+	if addr, err := replicaAddr(record); err == nil {
+		t.addrs[name] = addr
+	} else {
+		delete(t.addrs, name)
+	}
+}
+
+func (t *leaderTracker) view() *leaderView {
+	v := &leaderView{}
+	for _, c := range t.candidates {
+		if v.name == "" || c.rev < v.token {
+			v.name, v.token = c.name, c.rev
+		}
+	}
+	if v.name != "" {
+		v.addr = t.addrs[v.name]
+	}
+	return v
 }
 
 // peerConns caches one client connection per peer replica address.

@@ -54,8 +54,14 @@ type Scheduler struct {
 	log     *zap.Logger
 	store   *store.Store
 	current atomic.Pointer[engine.Engine]
-	peers   peerConns
-	started time.Time
+	// elected is set while this replica holds the election (its term
+	// runs, loading or leading).
+	elected atomic.Bool
+	// leaderSeen is who leads, kept by followLeader from an etcd watch;
+	// nil while it has no view.
+	leaderSeen atomic.Pointer[leaderView]
+	peers      peerConns
+	started    time.Time
 	// telemetry outlives terms: a watcher keeps its stream when leaders
 	// change on another replica (it is forwarded), and history is per leader.
 	telemetry *telemetry.Hub
@@ -93,6 +99,9 @@ func (s *Scheduler) Leader() (*engine.Engine, error) {
 	if e := s.current.Load(); e != nil {
 		return e, nil
 	}
+	if s.elected.Load() {
+		return nil, fmt.Errorf("%s leads but is still loading its state: %w", s.cfg.Name, model.ErrNotLeader)
+	}
 	return nil, fmt.Errorf("%s: %w", s.cfg.Name, model.ErrNotLeader)
 }
 
@@ -107,10 +116,16 @@ func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	defer s.peers.close()
 	srv := grpc.NewServer(api.ServerOptions(s.log, s.metrics)...)
-	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.leaderAddr, Status: s.Status, Telemetry: s.telemetry, Store: s.store})
+	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.agentLeaderAddr, Status: s.Status, Telemetry: s.telemetry, Store: s.store})
 	hs := registerHealthAndReflection(srv)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	followDone := make(chan struct{})
+	go func() {
+		defer close(followDone)
+		s.followLeader(ctx)
+	}()
+	defer func() { cancel(); <-followDone }()
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
 	campaignDone := make(chan struct{})
@@ -177,6 +192,8 @@ func (s *Scheduler) term(ctx context.Context) error {
 	if err := el.Campaign(ctx, s.cfg.Name); err != nil {
 		return fmt.Errorf("scheduler: campaign: %w", err)
 	}
+	s.elected.Store(true)
+	defer s.elected.Store(false) // after Resign below
 	termCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {

@@ -28,9 +28,13 @@ type Backend struct {
 	// follower can forward leader-only work. Nil: followers answer
 	// Unavailable and clients fail over by themselves.
 	LeaderConn func(ctx context.Context) (*grpc.ClientConn, error)
-	// LeaderAddr returns the leader's address, which a follower hands to
-	// agents (trailer LeaderTrailer) so they reconnect there directly.
-	// Nil: no hint.
+	// LeaderAddr returns the leader's address, which a replica that
+	// refuses an agent hands to it (trailer LeaderTrailer): a follower
+	// names the leader, so the agent reconnects there at once; a leader
+	// still loading its state names itself, so the agent comes back to it
+	// after a backoff. It is called for every refused stream (thousands a
+	// second while 10,000 agents wait out a cold start), so it must be
+	// cheap: no etcd read per call. Nil: no hint.
 	LeaderAddr func(ctx context.Context) (string, error)
 	// Status reports the replicas and the leader (ClusterService). Nil:
 	// the service is not registered.
@@ -303,8 +307,12 @@ func (s *nodeServer) LabelNode(ctx context.Context, req *pb.LabelNodeRequest) (*
 }
 
 // agentServer does not forward: an agent's stream belongs on the leader,
-// so a follower answers Unavailable and the agent moves to the next
-// endpoint it knows.
+// so any other replica answers Unavailable (with ErrorInfo NO_LEADER) and,
+// when it can, names the leader in LeaderTrailer. Agents reconnect at once
+// to a leader named elsewhere, and back off (growing, jittered, up to a
+// few seconds) when the replica that refused them is the leader still
+// loading, or no leader is known; without a hint they try the next
+// endpoint they know.
 type agentServer struct {
 	pb.UnimplementedAgentServiceServer
 	b Backend
@@ -312,13 +320,16 @@ type agentServer struct {
 
 var _ pb.AgentServiceServer = (*agentServer)(nil)
 
-// LeaderTrailer is the trailer key in which a follower names the leader's
-// address when it refuses an agent's stream.
+// LeaderTrailer is the trailer key in which a replica that refuses an
+// agent's stream names the leader's address: another replica's, or its
+// own while it leads but is still loading its state.
 const LeaderTrailer = "gpusched-leader"
 
 func (s *agentServer) Connect(stream grpc.BidiStreamingServer[pb.ConnectRequest, pb.ConnectResponse]) error {
 	eng, err := s.b.Leader()
 	if err != nil {
+		// Refused without reading the hello: the agent says it again to
+		// whoever serves it.
 		if s.b.LeaderAddr != nil {
 			if addr, aerr := s.b.LeaderAddr(stream.Context()); aerr == nil {
 				stream.SetTrailer(metadata.Pairs(LeaderTrailer, addr))

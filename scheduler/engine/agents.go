@@ -102,14 +102,27 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	// reconnect, agent too slow): returning is what closes the stream, so
 	// the agent notices and reconnects to whoever leads now. The receiver
 	// then ends too, since Recv fails once the handler has returned.
+	//
+	// The receiver records each message's arrival before anything else,
+	// and does not wait for the loop: messages for the loop go through
+	// the stream's inbox, which queues them while the loop's channel is
+	// full. So the watchdog judges the agent by what it sent, not by how
+	// fast the loop drains (a backed-up loop once cut live agents as
+	// silent: the receiver sat in post and read no heartbeats).
 	recvErr := make(chan error, 1)
 	var lastRecv atomic.Int64 // unix nanos of the last message
 	lastRecv.Store(time.Now().UnixNano())
+	var deaf atomic.Bool // the receiver waits for room in a full inbox
+	in := &inbox{e: e, ctx: ctx, cancel: cancel, space: make(chan struct{}, 1)}
 	go func() {
 		var tenantOf, tenant string // the last telemetry lease and its tenant
 		for {
 			msg, err := stream.Recv()
 			if err != nil {
+				// What the agent sent before it hung up still reaches the
+				// loop, as when the receiver posted each message itself.
+				deaf.Store(true)
+				in.flush()
 				recvErr <- err
 				return
 			}
@@ -141,9 +154,22 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 				recvErr <- ctx.Err()
 				return
 			}
-			if err := e.post(ctx, &agentEvent{conn: c, msg: msg}); err != nil {
-				recvErr <- err
-				return
+			for !in.put(&agentEvent{conn: c, msg: msg}) {
+				// agentBacklog messages wait for the loop already: stop
+				// reading until one is taken. Unread, the agent cannot be
+				// judged, so the watchdog waits too, and the silence
+				// counts again from when the receiver reads again.
+				deaf.Store(true)
+				select {
+				case <-in.space:
+				case <-ctx.Done():
+				}
+				lastRecv.Store(time.Now().UnixNano())
+				deaf.Store(false)
+				if ctx.Err() != nil {
+					recvErr <- ctx.Err()
+					return
+				}
 			}
 		}
 	}()
@@ -157,6 +183,9 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 		case err := <-recvErr:
 			return err
 		case <-watchdog.C:
+			if deaf.Load() {
+				continue
+			}
 			if quiet := time.Since(time.Unix(0, lastRecv.Load())); quiet > silence {
 				e.log.Warn("agent silent, closing its stream", zap.String("node", c.node), zap.Duration("silent_for", quiet))
 				return fmt.Errorf("node %s sent nothing for %s: %w", c.node, quiet.Round(time.Millisecond), model.ErrStopped)
@@ -172,6 +201,101 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 
 // heartbeatsMissed is how many heartbeat intervals of silence end a stream.
 const heartbeatsMissed = 3
+
+// agentBacklog bounds the messages one agent stream holds for the loop
+// while the loop's event channel is full. An agent sends a few per lease
+// (started, exited, released, events, health), so this is never reached
+// by one that follows the protocol.
+const agentBacklog = 256
+
+// inbox hands one agent stream's messages to the loop, in order, without
+// making the stream's receiver wait for the loop: a message is posted at
+// once while the loop's channel has room; otherwise it is queued, and a
+// drainer goroutine (one per stream, only while the loop is behind) posts
+// the queue.
+type inbox struct {
+	e      *Engine
+	ctx    context.Context    // the stream's
+	cancel context.CancelFunc // ends the stream when a post fails (term over)
+	space  chan struct{}      // 1-buffered: the drainer posted one
+
+	mu       sync.Mutex
+	queued   []event
+	draining bool // a drainer runs; new messages queue behind it
+}
+
+// put posts ev or queues it, without blocking. False: the queue is full;
+// wait on space and try again.
+func (q *inbox) put(ev event) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.draining {
+		select {
+		case q.e.events <- ev:
+			return true
+		default:
+		}
+	}
+	if len(q.queued) >= agentBacklog {
+		return false
+	}
+	q.queued = append(q.queued, ev)
+	if !q.draining {
+		q.draining = true
+		go q.drain()
+	}
+	return true
+}
+
+// drain posts the queue until it is empty, or until a post fails: then
+// the stream ends, and nothing more is posted.
+func (q *inbox) drain() {
+	for {
+		q.mu.Lock()
+		if len(q.queued) == 0 {
+			q.draining, q.queued = false, nil
+			q.mu.Unlock()
+			q.signal()
+			return
+		}
+		ev := q.queued[0] // stays queued until posted, so put queues behind it
+		q.mu.Unlock()
+		if err := q.e.post(q.ctx, ev); err != nil {
+			q.cancel()
+			return
+		}
+		q.mu.Lock()
+		q.queued[0] = nil
+		q.queued = q.queued[1:]
+		q.mu.Unlock()
+		q.signal()
+	}
+}
+
+// signal wakes a receiver waiting for room (put) or for the drain (flush).
+func (q *inbox) signal() {
+	select {
+	case q.space <- struct{}{}:
+	default:
+	}
+}
+
+// flush waits until everything queued was posted, or the stream ended.
+func (q *inbox) flush() {
+	for {
+		q.mu.Lock()
+		draining := q.draining
+		q.mu.Unlock()
+		if !draining {
+			return
+		}
+		select {
+		case <-q.space:
+		case <-q.ctx.Done():
+			return
+		}
+	}
+}
 
 // send delivers a queued command to its node's agent, if connected.
 func (e *Engine) send(m outMsg) {

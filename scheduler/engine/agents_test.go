@@ -1,0 +1,149 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/engine"
+	"github.com/gpusched/gpusched/scheduler/internal/schedtest"
+	"github.com/gpusched/gpusched/scheduler/model"
+)
+
+// memStream is an agent stream in memory: the test plays the agent.
+type memStream struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	in     chan *pb.ConnectRequest // agent → scheduler; closed: the agent hung up
+	out    chan *pb.ConnectResponse
+}
+
+func newMemStream() *memStream {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &memStream{ctx: ctx, cancel: cancel, in: make(chan *pb.ConnectRequest, 4096), out: make(chan *pb.ConnectResponse, 4096)}
+}
+
+func (s *memStream) Context() context.Context { return s.ctx }
+
+func (s *memStream) Send(m *pb.ConnectResponse) error {
+	select {
+	case s.out <- m:
+		return nil
+	case <-s.ctx.Done():
+		return s.ctx.Err()
+	}
+}
+
+func (s *memStream) Recv() (*pb.ConnectRequest, error) {
+	select {
+	case m, ok := <-s.in:
+		if !ok {
+			return nil, io.EOF
+		}
+		return m, nil
+	case <-s.ctx.Done():
+		return nil, s.ctx.Err()
+	}
+}
+
+func heartbeat() *pb.ConnectRequest {
+	return &pb.ConnectRequest{Msg: &pb.ConnectRequest_Heartbeat{Heartbeat: &pb.Heartbeat{}}}
+}
+
+func healthReport(healthy bool, problem string) *pb.ConnectRequest {
+	h := &pb.HealthReport{Healthy: healthy}
+	if problem != "" {
+		h.Problems = []string{problem}
+	}
+	return &pb.ConnectRequest{Msg: &pb.ConnectRequest_Health{Health: h}}
+}
+
+// A loop that cannot keep up (its event channel full) must not make the
+// watchdog cut an agent that keeps heartbeating: the stream's receiver
+// records what arrives and does not wait for the loop. The agent's reports
+// still reach the loop, in order, once it catches up; and an agent that
+// falls silent is still cut.
+func TestABackedUpLoopDoesNotCutAHeartbeatingAgent(t *testing.T) {
+	const interval = 250 * time.Millisecond // silent for 750 ms: cut
+	etcd := schedtest.StartEtcd(t)
+	tm := startTerm(t, etcd.Client, engine.Config{HeartbeatInterval: interval})
+	st := newMemStream()
+	defer st.cancel()
+	served := make(chan error, 1)
+	go func() { served <- tm.eng.ServeAgent(st) }()
+	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
+		NodeId: "n1", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
+	}}}
+	waitWelcome(t, st, served)
+
+	release := tm.eng.HoldLoop(t)
+	// Reports the loop cannot take now: more than one stream may queue,
+	// so the receiver also waits for room a while. The last one counts.
+	const reports = 300
+	for i := range reports - 1 {
+		st.in <- healthReport(i%2 == 1, fmt.Sprintf("problem %d", i))
+	}
+	st.in <- healthReport(false, "the last word")
+
+	// Heartbeat through four silence windows with the loop held, then
+	// through two more after it was let go.
+	beat := time.NewTicker(interval / 10)
+	defer beat.Stop()
+	until := time.Now().Add(4 * heartbeatsMissed * interval)
+	for released := false; ; {
+		if !released && time.Now().After(until) {
+			release()
+			released, until = true, time.Now().Add(2*heartbeatsMissed*interval)
+		} else if released && time.Now().After(until) {
+			break
+		}
+		select {
+		case err := <-served:
+			t.Fatalf("the stream of a heartbeating agent ended (loop released: %v): %v", released, err)
+		case <-beat.C:
+			st.in <- heartbeat()
+		}
+	}
+
+	schedtest.Eventually(t, "the reports to reach the loop in order", func() (bool, string) {
+		n, err := tm.eng.GetNode("n1")
+		if err != nil {
+			return false, err.Error()
+		}
+		return n.State == model.NodeUnhealthy && n.Reason == "unhealthy: the last word", fmt.Sprintf("node %s %q", n.State, n.Reason)
+	})
+
+	// Silence still ends the stream.
+	select {
+	case err := <-served:
+		if err == nil || !strings.Contains(err.Error(), "sent nothing") || !errors.Is(err, model.ErrStopped) {
+			t.Fatalf("silent agent's stream ended with %v; want a silence error", err)
+		}
+	case <-time.After(schedtest.WaitTimeout):
+		t.Fatal("the stream of a silent agent was not closed")
+	}
+}
+
+const heartbeatsMissed = 3 // engine's
+
+func waitWelcome(t *testing.T, st *memStream, served chan error) {
+	t.Helper()
+	deadline := time.After(schedtest.WaitTimeout)
+	for {
+		select {
+		case m := <-st.out:
+			if m.GetWelcome() != nil {
+				return
+			}
+		case err := <-served:
+			t.Fatalf("stream ended before the Welcome: %v", err)
+		case <-deadline:
+			t.Fatal("no Welcome")
+		}
+	}
+}

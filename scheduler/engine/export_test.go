@@ -1,0 +1,44 @@
+package engine
+
+import (
+	"context"
+	"testing"
+)
+
+// holdEvent blocks the loop, while it applies it, until release closes.
+type holdEvent struct{ applying, release chan struct{} }
+
+func (ev *holdEvent) apply(*Engine) {
+	close(ev.applying)
+	<-ev.release
+}
+
+type noopEvent struct{}
+
+func (noopEvent) apply(*Engine) {}
+
+// HoldLoop stops the loop inside a turn and fills its event channel, so
+// that every post waits, until the returned release is called (or the
+// test ends).
+func (e *Engine) HoldLoop(t testing.TB) (release func()) {
+	t.Helper()
+	ev := &holdEvent{applying: make(chan struct{}), release: make(chan struct{})}
+	released := false
+	release = func() {
+		if !released {
+			released = true
+			close(ev.release)
+		}
+	}
+	t.Cleanup(release)
+	if err := e.post(context.Background(), ev); err != nil {
+		t.Fatalf("post: %v", err)
+	}
+	<-ev.applying
+	for len(e.events) < cap(e.events) {
+		if err := e.post(context.Background(), noopEvent{}); err != nil {
+			t.Fatalf("post: %v", err)
+		}
+	}
+	return release
+}
