@@ -8,9 +8,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
@@ -273,13 +276,41 @@ func (f *Fleet) violate(format string, args ...any) {
 	}
 }
 
-// Reconnect pacing, as the real agent's (nodeagent): retry after 100 ms,
-// doubling up to 500 ms while no replica welcomes the agent. Each delay
-// gets ±20% jitter, as real hosts are not synchronized.
+// Reconnect pacing, as the real agent's (nodeagent): a replica that names
+// another one as leader is dialed at once; an endpoint that cannot be
+// reached is retried after 100 ms, doubling up to 500 ms per round of
+// endpoints, with ±20% jitter (real hosts are not synchronized); a replica
+// that refuses with NO_LEADER (it leads but is still loading, or no leader
+// is elected) is retried after a wait drawn from the upper half of 100 ms,
+// doubling up to 5 s, and, when it named itself, the agent comes back to
+// it.
 const (
-	minBackoff = 100 * time.Millisecond
-	maxBackoff = 500 * time.Millisecond
+	minBackoff      = 100 * time.Millisecond
+	maxBackoff      = 500 * time.Millisecond
+	maxNoLeaderWait = 5 * time.Second
 )
+
+// sessionEnd is how one stream ended (nodeagent's, less the error).
+type sessionEnd struct {
+	welcomed bool
+	hint     string // the leader's address, named by the refusing replica
+	noLeader bool   // refused with ErrorInfo NO_LEADER
+}
+
+// isNoLeader reports whether err is a replica's NO_LEADER refusal
+// (api.ReasonNoLeader in api.ErrorDomain).
+func isNoLeader(err error) bool {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.Unavailable {
+		return false
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetReason() == "NO_LEADER" && info.GetDomain() == "gpusched.io" {
+			return true
+		}
+	}
+	return false
+}
 
 // run keeps the agent connected until the fleet stops.
 func (h *hollow) run() {
@@ -289,7 +320,7 @@ func (h *hollow) run() {
 	h.mu.Lock()
 	delay := time.Duration(h.rng.Int64N(int64(50 * time.Millisecond)))
 	h.mu.Unlock()
-	backoff := minBackoff
+	backoff, wait := minBackoff, minBackoff
 	for {
 		select {
 		case <-h.f.ctx.Done():
@@ -303,18 +334,25 @@ func (h *hollow) run() {
 			case <-r:
 			}
 		}
-		welcomed, hint := h.session()
+		end := h.session()
 		h.mu.Lock()
-		switch {
-		case welcomed:
-			backoff, delay = minBackoff, minBackoff
-		case hint != "" && hint != h.f.cfg.Targets[h.target]:
-			delay = 0 // a follower named the leader: go there at once
-			for i, t := range h.f.cfg.Targets {
-				if t == hint {
-					h.target = i
-				}
+		hinted := -1 // the target the refusing replica named (agents dial only targets)
+		for i, t := range h.f.cfg.Targets {
+			if t == end.hint {
+				hinted = i
 			}
+		}
+		switch {
+		case end.welcomed:
+			backoff, wait, delay = minBackoff, minBackoff, minBackoff
+		case hinted >= 0 && hinted != h.target:
+			h.target, delay = hinted, 0 // another replica leads: go there at once
+		case end.noLeader:
+			if hinted != h.target { // no leader known here: try the next endpoint
+				h.target = (h.target + 1) % len(h.f.cfg.Targets)
+			} // else this replica leads and is still loading: come back to it
+			delay = wait/2 + time.Duration(h.rng.Int64N(int64(wait/2)+1))
+			wait = min(2*wait, maxNoLeaderWait)
 		default:
 			h.target = (h.target + 1) % len(h.f.cfg.Targets)
 			if h.target == 0 {
@@ -322,14 +360,17 @@ func (h *hollow) run() {
 			}
 			delay = backoff
 		}
-		delay = delay * time.Duration(80+h.rng.IntN(41)) / 100
+		if !end.noLeader || end.welcomed {
+			delay = delay * time.Duration(80+h.rng.IntN(41)) / 100
+		}
 		h.mu.Unlock()
 	}
 }
 
 // session runs one stream until it ends. It reports whether the scheduler
-// welcomed the agent, and a follower's hint naming the leader.
-func (h *hollow) session() (welcomed bool, hint string) {
+// welcomed the agent, the refusing replica's hint naming the leader, and
+// whether it refused for want of a leader.
+func (h *hollow) session() (end sessionEnd) {
 	ctx, cancel := context.WithCancel(h.f.ctx)
 	defer cancel()
 	h.mu.Lock()
@@ -337,7 +378,7 @@ func (h *hollow) session() (welcomed bool, hint string) {
 	h.mu.Unlock()
 	stream, err := pb.NewAgentServiceClient(conn).Connect(ctx, grpc.WaitForReady(true))
 	if err != nil {
-		return false, ""
+		return end
 	}
 	h.f.sessions.Add(1)
 	h.mu.Lock()
@@ -351,21 +392,22 @@ func (h *hollow) session() (welcomed bool, hint string) {
 		if h.welcomed {
 			h.f.connected.Add(-1)
 		}
-		welcomed = h.welcomed
+		end.welcomed = h.welcomed
 		h.stream, h.endSess, h.welcomed = nil, nil, false
 		h.stopTimersLocked()
 		h.mu.Unlock()
 	}()
 	if err := h.sendOn(stream, hello); err != nil {
-		return false, ""
+		return end
 	}
 	for {
 		cmd, err := stream.Recv()
 		if err != nil {
 			if v := stream.Trailer().Get(leaderTrailer); len(v) > 0 {
-				hint = v[0]
+				end.hint = v[0]
 			}
-			return false, hint
+			end.noLeader = isNoLeader(err) // welcomed (set on return) wins
+			return end
 		}
 		h.handle(stream, cmd)
 	}
