@@ -47,7 +47,9 @@ Phases:
            starts (--cold-start: agents held back, then all retrying), and
            etcd's batched-write ceiling on the same machine (--ceiling-clients).
 
-The report is a table, or JSON with --json. See docs/benchmarks.md.`,
+The report is a table, or JSON with --json. See docs/benchmarks.md.
+'gpusched sim fanout' measures telemetry fan-out to StreamTelemetry
+subscribers instead.`,
 		Example: `  gpusched sim                                   # 10,000 nodes, 2,000/s open, 100,000 backlog
   gpusched sim --nodes 1000 --backlog 10000 --duration 10s --rate 500
   gpusched sim --json --cpuprofile sched.cpu --memprofile sched.heap > report.json`,
@@ -144,7 +146,113 @@ The report is a table, or JSON with --json. See docs/benchmarks.md.`,
 	f.DurationVar(&cfg.PhaseTimeout, "phase-timeout", 10*time.Minute, "give up on any one wait after this long")
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON instead of tables")
 	f.StringVar(&jsonFile, "json-file", "", "also write the report as JSON to this file")
-	cmd.AddCommand(newSimReplicaCmd())
+	cmd.AddCommand(newSimReplicaCmd(), newSimFanoutCmd())
+	return cmd
+}
+
+// newSimFanoutCmd is `gpusched sim fanout`: telemetry fan-out from hollow
+// agents through the leader's hub to StreamTelemetry subscribers.
+func newSimFanoutCmd() *cobra.Command {
+	var (
+		cfg      sim.FanoutConfig
+		etcd     string
+		subs     string
+		fields   string
+		mode     string
+		asJSON   bool
+		jsonFile string
+	)
+	cmd := &cobra.Command{
+		Use:   "fanout",
+		Short: "Benchmark telemetry fan-out: hollow agents → the leader's hub → StreamTelemetry subscribers",
+		Long: `Run etcd, a scheduler replica (a child process by default) and --nodes hollow
+agents that each send a TelemetryBatch of their 8 GPUs --telemetry-hz times a
+second, stamped with the time right before the send. Then, for each count in
+--subscribers, start that many subscribers in this process, each with its own
+Go SDK client (its own connection) and goroutine, streaming every node's
+samples (StreamTelemetry, all fields unless --fields), wait for their
+snapshots, warm up, and measure for --duration: live samples/s received per
+subscriber, agent → subscriber latency (same host clock), the drops the
+stream reports (dropped, dropped_total), and the scheduler process's CPU
+(/proc/<pid>/stat) over the window. Target: p99 <= 250 ms.
+
+The report is a table, or JSON with --json. See docs/benchmarks.md.`,
+		Example: `  gpusched sim fanout                                            # 2,000 nodes at 1 Hz, 20 subscribers, 60 s
+  gpusched sim fanout --nodes 500 --subscribers 1,5,20,50 --warmup 5s --duration 20s
+  gpusched sim fanout --fields gpu_util,fb_used_bytes --json --cpuprofile sched.cpu > report.json`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			for _, c := range splitList([]string{subs}) {
+				n, err := strconv.Atoi(c)
+				if err != nil || n < 1 {
+					return usageError("--subscribers wants numbers >= 1, got %q", c)
+				}
+				cfg.Subscribers = append(cfg.Subscribers, n)
+			}
+			if len(cfg.Subscribers) == 0 {
+				return usageError("--subscribers wants at least one number")
+			}
+			cfg.Fields = splitList([]string{fields})
+			switch mode {
+			case "process":
+				cfg.SchedulerProcess = true
+			case "inproc":
+			default:
+				return usageError("--scheduler must be process or inproc, got %q", mode)
+			}
+			if cfg.Nodes < 1 || cfg.TelemetryHz <= 0 || cfg.Duration <= 0 || cfg.Warmup < 0 {
+				return usageError("--nodes, --telemetry-hz and --duration must be positive, --warmup not negative")
+			}
+			cfg.EtcdEndpoints = splitList([]string{etcd})
+			cfg.Progress = cmd.ErrOrStderr()
+			ctx, stop := signalContext(cmd.Context())
+			defer stop()
+			rep, err := sim.RunFanout(ctx, cfg)
+			if rep != nil && jsonFile != "" {
+				b, merr := json.MarshalIndent(rep, "", "  ")
+				if merr == nil {
+					merr = os.WriteFile(jsonFile, append(b, '\n'), 0o644)
+				}
+				if merr != nil && err == nil {
+					err = merr
+				}
+			}
+			if rep != nil && (err == nil || asJSON) {
+				if asJSON {
+					enc := json.NewEncoder(cmd.OutOrStdout())
+					enc.SetIndent("", "  ")
+					if e := enc.Encode(rep); e != nil && err == nil {
+						err = e
+					}
+				} else {
+					rep.WriteText(cmd.OutOrStdout())
+				}
+			}
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&cfg.Nodes, "nodes", 2000, "hollow agents (nodes of 8 GPUs)")
+	f.StringVar(&cfg.GPUModel, "gpu-model", "H100", "GPU model of every node")
+	f.IntVar(&cfg.AgentsPerConn, "agents-per-conn", 100, "hollow agents sharing one gRPC connection (each has its own stream)")
+	f.Float64Var(&cfg.TelemetryHz, "telemetry-hz", 1, "telemetry batches per second per agent")
+	f.StringVar(&subs, "subscribers", "20", "subscriber counts, comma-separated: one measured step each, in order")
+	f.StringVar(&fields, "fields", "", "GpuSample fields the subscribers ask for, comma-separated (default: all)")
+	f.DurationVar(&cfg.Warmup, "warmup", 10*time.Second, "after the subscribers' snapshots, wait this long before measuring")
+	f.DurationVar(&cfg.Duration, "duration", 60*time.Second, "measurement window of each step")
+	f.StringVar(&etcd, "etcd", "", "endpoints of a real etcd cluster (default: an embedded member in --work-dir)")
+	f.BoolVar(&cfg.EtcdNoFsync, "etcd-no-fsync", false, "embedded etcd without fsync")
+	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix; must be empty")
+	f.StringVar(&mode, "scheduler", "process", "run the scheduler as a child process or inproc")
+	f.StringVar(&cfg.SchedulerLogLevel, "scheduler-log-level", "warn", "scheduler log level (child's log in --work-dir/logs)")
+	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 2*time.Second, "agent heartbeat interval the scheduler asks for")
+	f.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write the scheduler's CPU profile over each window here (FILE-<n>subs.EXT with several steps)")
+	f.StringVar(&cfg.SimCPUProfile, "sim-cpuprofile", "", "write this process's (agents, subscribers, etcd) CPU profile over each window here")
+	f.StringVar(&cfg.MemProfile, "memprofile", "", "write the scheduler's heap profile after the last window here")
+	f.StringVar(&cfg.WorkDir, "work-dir", "", "etcd data and scheduler logs (default: a temp dir, removed at the end)")
+	f.DurationVar(&cfg.PhaseTimeout, "phase-timeout", 5*time.Minute, "give up on any one wait after this long")
+	f.BoolVar(&asJSON, "json", false, "print the report as JSON instead of tables")
+	f.StringVar(&jsonFile, "json-file", "", "also write the report as JSON to this file")
 	return cmd
 }
 

@@ -75,6 +75,7 @@ type Fleet struct {
 	unknownReleases atomic.Int64
 	refused         atomic.Int64 // commands with a stale fencing token
 	sessions        atomic.Int64 // streams opened (refused ones included)
+	telemetrySent   atomic.Int64 // TelemetryBatch messages sent
 	violations      atomic.Int64
 	violMu          sync.Mutex
 	violList        []string // the first few, for the report
@@ -229,6 +230,9 @@ func (f *Fleet) Connected() int { return int(f.connected.Load()) }
 
 // Welcomes is how many Welcome messages the agents received in all.
 func (f *Fleet) Welcomes() int64 { return f.welcomes.Load() }
+
+// TelemetrySent is how many TelemetryBatch messages the agents sent.
+func (f *Fleet) TelemetrySent() int64 { return f.telemetrySent.Load() }
 
 // FleetCounts are the fleet's counters.
 type FleetCounts struct {
@@ -536,7 +540,7 @@ func (h *hollow) sample(sess uint64, period time.Duration) {
 		return
 	}
 	s := h.stream
-	b := &pb.TelemetryBatch{Time: timestamppb.Now()}
+	b := &pb.TelemetryBatch{} // Time is stamped by sendTelemetry
 	var busy bool
 	for _, l := range h.held {
 		if !l.exited {
@@ -563,7 +567,19 @@ func (h *hollow) sample(sess uint64, period time.Duration) {
 	}
 	h.tel.Reset(period)
 	h.mu.Unlock()
-	_ = h.sendOn(s, &pb.ConnectRequest{Msg: &pb.ConnectRequest_Telemetry{Telemetry: b}})
+	h.sendTelemetry(s, b)
+}
+
+// sendTelemetry stamps b with the time right before it is sent (so
+// agent → subscriber latency starts at the send, not at a wait for the
+// stream) and sends it.
+func (h *hollow) sendTelemetry(s pb.AgentService_ConnectClient, b *pb.TelemetryBatch) {
+	h.sendMu.Lock()
+	defer h.sendMu.Unlock()
+	b.Time = timestamppb.Now()
+	if s.Send(&pb.ConnectRequest{Msg: &pb.ConnectRequest_Telemetry{Telemetry: b}}) == nil {
+		h.f.telemetrySent.Add(1)
+	}
 }
 
 // onStartLocked accepts a lease, reports it started and arms its exit.
