@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -87,27 +88,10 @@ subscribers instead.`,
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
 			rep, err := sim.Run(ctx, cfg)
-			if rep != nil && jsonFile != "" {
-				b, merr := json.MarshalIndent(rep, "", "  ")
-				if merr == nil {
-					merr = os.WriteFile(jsonFile, append(b, '\n'), 0o644)
-				}
-				if merr != nil && err == nil {
-					err = merr
-				}
+			if rep == nil {
+				return err
 			}
-			if rep != nil && (err == nil || asJSON) {
-				if asJSON {
-					enc := json.NewEncoder(cmd.OutOrStdout())
-					enc.SetIndent("", "  ")
-					if e := enc.Encode(rep); e != nil && err == nil {
-						err = e
-					}
-				} else {
-					rep.WriteText(cmd.OutOrStdout())
-				}
-			}
-			return err
+			return writeSimReport(cmd.OutOrStdout(), rep, err, jsonFile, asJSON)
 		},
 	}
 	f := cmd.Flags()
@@ -208,27 +192,10 @@ The report is a table, or JSON with --json. See docs/benchmarks.md.`,
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
 			rep, err := sim.RunFanout(ctx, cfg)
-			if rep != nil && jsonFile != "" {
-				b, merr := json.MarshalIndent(rep, "", "  ")
-				if merr == nil {
-					merr = os.WriteFile(jsonFile, append(b, '\n'), 0o644)
-				}
-				if merr != nil && err == nil {
-					err = merr
-				}
+			if rep == nil {
+				return err
 			}
-			if rep != nil && (err == nil || asJSON) {
-				if asJSON {
-					enc := json.NewEncoder(cmd.OutOrStdout())
-					enc.SetIndent("", "  ")
-					if e := enc.Encode(rep); e != nil && err == nil {
-						err = e
-					}
-				} else {
-					rep.WriteText(cmd.OutOrStdout())
-				}
-			}
-			return err
+			return writeSimReport(cmd.OutOrStdout(), rep, err, jsonFile, asJSON)
 		},
 	}
 	f := cmd.Flags()
@@ -310,4 +277,36 @@ func newSimReplicaCmd() *cobra.Command {
 	f.StringVar(&cfg.LogLevel, "log-level", "warn", "log level")
 	f.StringVar(&cfg.LoadCPUProfile, "load-cpuprofile", "", "CPU profile from start until the state is loaded")
 	return cmd
+}
+
+// simReport is what a sim run reports: JSON-encodable, with a text form.
+type simReport interface{ WriteText(io.Writer) }
+
+// writeSimReport saves rep as JSON to jsonFile (if set) and prints it, as
+// JSON or text. A run that failed still saves and, with --json, prints
+// what it measured; runErr stays the error returned.
+func writeSimReport(w io.Writer, rep simReport, runErr error, jsonFile string, asJSON bool) error {
+	err := runErr
+	if jsonFile != "" {
+		b, merr := json.MarshalIndent(rep, "", "  ")
+		if merr == nil {
+			merr = os.WriteFile(jsonFile, append(b, '\n'), 0o644)
+		}
+		if merr != nil && err == nil {
+			err = merr
+		}
+	}
+	if runErr != nil && !asJSON {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		if e := enc.Encode(rep); e != nil && err == nil {
+			err = e
+		}
+		return err
+	}
+	rep.WriteText(w)
+	return err
 }
