@@ -43,6 +43,12 @@ type Config struct {
 	// Engine tunes each leadership term; Store, Fence and Logger are set
 	// by the scheduler, and Metrics defaults to the replica's (Metrics).
 	Engine engine.Config
+	// TelemetryHistory is how many telemetry batches (sampling rounds) the
+	// leader keeps per node for GetTelemetry and stream snapshots; default
+	// telemetry.DefaultHistory (5 minutes at 1 Hz). A batch of 8 GPUs
+	// takes about 1.8 KB of memory, so at 10,000 nodes the default needs
+	// about 5 GiB: large clusters want a shorter history.
+	TelemetryHistory int
 	// MetricsStaleAfter: GPUs whose newest sample is older are left out of
 	// the replica's metrics. Default metrics.DefaultStaleAfter.
 	MetricsStaleAfter time.Duration
@@ -80,7 +86,7 @@ func New(cfg Config) *Scheduler {
 		cfg.Logger = zap.NewNop()
 	}
 	s := &Scheduler{cfg: cfg, log: cfg.Logger, store: store.New(cfg.Etcd, cfg.Prefix), started: time.Now(),
-		telemetry: telemetry.New(telemetry.Options{})}
+		telemetry: telemetry.New(telemetry.Options{History: cfg.TelemetryHistory})}
 	s.metrics = metrics.NewScheduler(metrics.SchedulerConfig{Leader: s.Leader, Telemetry: s.telemetry, StaleAfter: cfg.MetricsStaleAfter})
 	return s
 }

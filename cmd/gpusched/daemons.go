@@ -23,6 +23,7 @@ import (
 	"github.com/gpusched/gpusched/scheduler"
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/gateway"
+	"github.com/gpusched/gpusched/scheduler/telemetry"
 )
 
 // devHTTPListen is where `gpusched dev` serves REST/JSON unless told
@@ -318,6 +319,7 @@ health checking protocol (grpc.health.v1) and server reflection.`,
 	f.StringVar(&cfg.Address, "advertise-addr", "", "address clients and other replicas use to reach this one (default: the listen address)")
 	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", 5*time.Second, "leader session TTL: how fast a dead leader is replaced")
+	f.IntVar(&cfg.TelemetryHistory, "telemetry-history", telemetry.DefaultHistory, "telemetry batches kept per node (one per agent sampling round; ~1.8 KB each for 8 GPUs)")
 	engineFlags(cmd, &cfg.Engine)
 	mf.register(cmd, "the replica's and, on the leader, every GPU's")
 	logs.register(cmd)
