@@ -53,17 +53,10 @@ func (h *Hub) Stream(ctx context.Context, o StreamOptions, send func(*pb.StreamT
 	}
 	var total uint64
 	for {
-		if !s.pending() {
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-s.wake:
-			}
+		batches, dropped, err := s.next(ctx, MaxSamplesPerMessage)
+		if err != nil {
+			return err
 		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		batches, dropped := s.pop(MaxSamplesPerMessage)
 		if len(batches) == 0 && dropped == 0 {
 			continue
 		}
@@ -106,17 +99,10 @@ func (h *Hub) Watch(ctx context.Context, f Filter, liveOnly bool, send func(*pb.
 		}
 	}
 	for {
-		if !s.pending() {
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-s.wake:
-			}
+		batches, d, err := s.next(ctx, MaxSamplesPerMessage)
+		if err != nil {
+			return err
 		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		batches, d := s.pop(MaxSamplesPerMessage)
 		dropped += d // told with the next sample sent
 		for _, b := range batches {
 			if err := sendWatch(&b.e, b.samples, dropped, send); err != nil {

@@ -1,6 +1,7 @@
 package telemetry
 
 import (
+	"context"
 	"sync"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
@@ -93,4 +94,20 @@ func (s *subscriber) pending() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.head < len(s.queue) || s.dropped > 0
+}
+
+// next waits until something is queued (or ctx ends) and pops it, as pop.
+func (s *subscriber) next(ctx context.Context, maxSamples int) ([]popped, uint64, error) {
+	if !s.pending() {
+		select {
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		case <-s.wake:
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, 0, err
+	}
+	batches, dropped := s.pop(maxSamples)
+	return batches, dropped, nil
 }
