@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/nodeagent/runner"
@@ -482,6 +483,21 @@ func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) erro
 	lastRecv.Store(time.Now().UnixNano())
 	silentFor := atomic.Int64{}
 	silentFor.Store(int64(missedHeartbeats * defaultHeartbeat))
+	// setInterval adopts the heartbeat interval the scheduler asks for
+	// (Welcome, or a heartbeat once the cluster has grown). Only this
+	// receive loop sends on interval, so replacing a value not yet taken
+	// cannot block.
+	setInterval := func(d *durationpb.Duration) {
+		if d == nil || d.CheckValid() != nil || d.AsDuration() < minHeartbeat {
+			return
+		}
+		select {
+		case <-interval:
+		default:
+		}
+		interval <- d.AsDuration()
+		silentFor.Store(int64(missedHeartbeats * d.AsDuration()))
+	}
 	watchdogDone := make(chan struct{})
 	go func() {
 		defer close(watchdogDone)
@@ -511,8 +527,11 @@ func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) erro
 			return err
 		}
 		lastRecv.Store(time.Now().UnixNano())
-		if cmd.GetHeartbeat() != nil {
-			continue // proves the stream alive; commands nothing, so no token check
+		if hb := cmd.GetHeartbeat(); hb != nil {
+			// Proves the stream alive and commands nothing, so no token
+			// check; it may carry a new interval (the cluster grew).
+			setInterval(hb.GetInterval())
+			continue
 		}
 		if err := a.checkToken(cmd.GetFencingToken()); err != nil {
 			a.log.Warn("refusing command", zap.Int64("token", cmd.GetFencingToken()), zap.Error(err))
@@ -522,13 +541,7 @@ func (a *Agent) stream(ctx context.Context, server string, end *sessionEnd) erro
 		case *pb.ConnectResponse_Welcome:
 			end.welcomed = true
 			a.log.Info("registered with scheduler", zap.String("server", server), zap.Int64("token", cmd.GetFencingToken()))
-			if d := m.Welcome.GetHeartbeatInterval(); d.CheckValid() == nil && d.AsDuration() >= minHeartbeat {
-				select {
-				case interval <- d.AsDuration():
-				default:
-				}
-				silentFor.Store(int64(missedHeartbeats * d.AsDuration()))
-			}
+			setInterval(m.Welcome.GetHeartbeatInterval())
 			// A new leader learns the node's health from this, not from
 			// whatever an earlier leader recorded.
 			a.reportHealth()

@@ -1081,6 +1081,21 @@ func TestTenantQuotasAndQueues(t *testing.T) {
 	}
 	schedtest.WaitJobState(t, c.Replica.Jobs, inBatch.GetId(), pb.JobState_JOB_STATE_RUNNING)
 
+	// A queue created paused is filled before any of it starts, and an
+	// update (priority, weight) leaves it paused.
+	if _, err := queues.CreateQueue(ctx, &pb.CreateQueueRequest{Queue: &pb.Queue{Name: "staged", Paused: true}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := queues.UpdateQueue(ctx, &pb.UpdateQueueRequest{Queue: &pb.Queue{Name: "staged", Priority: 3}}); err != nil {
+		t.Fatal(err)
+	}
+	st := schedtest.Spec(1)
+	st.Queue = "staged"
+	inStaged := schedtest.Submit(t, c.Replica.Jobs, st)
+	schedtest.WaitJob(t, c.Replica.Jobs, inStaged.GetId(), "to wait in its queue created paused", func(j *pb.Job) bool {
+		return j.GetState() == pb.JobState_JOB_STATE_PENDING && j.GetReason() == "queue staged paused"
+	})
+
 	unknown := schedtest.Spec(1)
 	unknown.Queue = "nope"
 	if _, err := c.Replica.Jobs.SubmitJob(ctx, &pb.SubmitJobRequest{Spec: unknown}); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "spec.queue") {

@@ -457,7 +457,11 @@ func (h *hollow) handle(stream pb.AgentService_ConnectClient, cmd *pb.ConnectRes
 	now := time.Now()
 	h.mu.Lock()
 	h.lastRecv = now
-	if cmd.GetHeartbeat() != nil {
+	if hb := cmd.GetHeartbeat(); hb != nil {
+		// A new interval (the cluster grew) applies from the next beat.
+		if d := hb.GetInterval(); d != nil && d.CheckValid() == nil && d.AsDuration() >= 10*time.Millisecond {
+			h.interval = d.AsDuration()
+		}
 		h.mu.Unlock()
 		return
 	}

@@ -25,8 +25,11 @@ type AgentStream interface {
 }
 
 // sendBuffer bounds commands queued for one agent. An agent that falls this
-// far behind is disconnected rather than allowed to stall the loop.
-const sendBuffer = 1024
+// far behind is disconnected rather than allowed to stall the loop. A node
+// holds one lease at a time and gets a few commands per lease, so this is
+// generous; it is small because every slot of every agent's buffer is a
+// pointer the GC scans each cycle (1,024 slots cost 80 MB at 10,000 nodes).
+const sendBuffer = 128
 
 // agentConn is one agent's live stream.
 type agentConn struct {
@@ -65,7 +68,12 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 		cancel: cancel, ctx: ctx, logReqs: map[uint64]chan *pb.LogChunk{},
 		injectReqs: map[uint64]chan *pb.MockInjectResult{},
 	}
-	if err := e.post(ctx, &helloEvent{conn: c, hello: hello}); err != nil {
+	// The interval is fixed for the stream's life; agents that join a
+	// growing cluster later get longer ones, and all get the current one
+	// when they reconnect (after a failover, say).
+	var interval atomic.Int64 // the stream's heartbeat interval, ns
+	interval.Store(int64(e.heartbeatInterval()))
+	if err := e.post(ctx, &helloEvent{conn: c, hello: hello, interval: time.Duration(interval.Load())}); err != nil {
 		return err
 	}
 	defer func() {
@@ -76,7 +84,8 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 
 	sendErr := make(chan error, 1)
 	go func() {
-		heartbeat := time.NewTicker(e.cfg.HeartbeatInterval)
+		every := time.Duration(interval.Load())
+		heartbeat := time.NewTicker(every)
 		defer heartbeat.Stop()
 		for {
 			var m *pb.ConnectResponse
@@ -86,7 +95,15 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 				return
 			case m = <-c.out:
 			case <-heartbeat.C:
-				m = &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: &pb.Heartbeat{}}}
+				hb := &pb.Heartbeat{}
+				if d := e.heartbeatInterval(); d != every {
+					// The cluster grew since the Welcome: tell the agent,
+					// and beat (and judge its silence) at the new pace.
+					every, hb.Interval = d, durationpb.New(d)
+					interval.Store(int64(d))
+					heartbeat.Reset(d)
+				}
+				m = &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: hb}}
 			}
 			if err := stream.Send(m); err != nil {
 				sendErr <- err
@@ -175,14 +192,21 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	}()
 	// A host that vanished without closing its TCP connection sends
 	// nothing; missing heartbeats end the stream so the node can be LOST.
-	silence := heartbeatsMissed * e.cfg.HeartbeatInterval
-	watchdog := time.NewTicker(e.cfg.HeartbeatInterval)
+	watched := time.Duration(interval.Load())
+	watchdog := time.NewTicker(watched)
 	defer watchdog.Stop()
 	for {
 		select {
 		case err := <-recvErr:
 			return err
 		case <-watchdog.C:
+			if d := time.Duration(interval.Load()); d != watched {
+				watched = d
+				watchdog.Reset(d)
+			}
+			// Judged by the stream's current interval: a stretch is only
+			// ever more lenient than what the agent may still be using.
+			silence := heartbeatsMissed * watched
 			if deaf.Load() {
 				continue
 			}
@@ -332,6 +356,9 @@ func (e *Engine) closeAgents() {
 type helloEvent struct {
 	conn  *agentConn
 	hello *pb.AgentHello
+	// interval is the heartbeat interval the stream uses and the Welcome
+	// tells the agent.
+	interval time.Duration
 }
 
 func (ev *helloEvent) apply(e *Engine) {
@@ -341,20 +368,23 @@ func (ev *helloEvent) apply(e *Engine) {
 	if !known {
 		n = &nodeEntry{node: &model.Node{ID: h.GetNodeId(), State: model.NodeReady}}
 		e.nodes[n.node.ID] = n
+		e.nodeCount.Store(int64(len(e.nodes)))
 	}
 	if old := n.conn; old != nil && old != ev.conn {
 		old.cancel() // a reconnect replaces a stream we have not seen die yet
 	}
 	n.conn, n.lost = ev.conn, false
+	delete(e.offline, n)
 	changed := !known || n.node.Address != h.GetAddress() || !sameInventory(n.node.Inventory, inv) ||
 		!sameLabels(n.node.Labels, h.GetLabels())
 	if changed {
 		n.node.Inventory, n.node.Address, n.node.Labels = inv, h.GetAddress(), h.GetLabels()
+		n.placement, e.nodesChanged = nil, true
 		n.node.RegisterTime = now
 		e.persist(store.Change{Node: n.node})
 	}
 	e.command(n.node.ID, &pb.ConnectResponse{Msg: &pb.ConnectResponse_Welcome{Welcome: &pb.Welcome{
-		HeartbeatInterval: durationpb.New(e.cfg.HeartbeatInterval),
+		HeartbeatInterval: durationpb.New(ev.interval),
 	}}})
 	e.log.Info("agent connected", zap.String("node", n.node.ID), zap.String("gpu_model", inv.GPUModel),
 		zap.Int("gpus", inv.GPUCount), zap.Int("held_leases", len(h.GetLeases())))
@@ -495,6 +525,7 @@ func (ev *goneEvent) apply(e *Engine) {
 		return
 	}
 	n.conn, n.disconnectedAt = nil, e.cfg.Now()
+	e.offline[n] = struct{}{}
 	e.log.Info("agent disconnected", zap.String("node", n.node.ID))
 }
 

@@ -147,3 +147,72 @@ func waitWelcome(t *testing.T, st *memStream, served chan error) {
 		}
 	}
 }
+
+// As nodes join, agents connected earlier are told the longer interval in
+// a heartbeat, and the scheduler judges their silence by it from then on.
+func TestAgentsConnectedEarlyLearnTheStretchedInterval(t *testing.T) {
+	const (
+		base    = 20 * time.Millisecond
+		stretch = 150 * time.Millisecond
+	)
+	etcd := schedtest.StartEtcd(t)
+	// 20 heartbeats/s in all: one node beats at 20ms, three at 150ms (capped).
+	tm := startTerm(t, etcd.Client, engine.Config{HeartbeatInterval: base, MaxHeartbeatsPerSecond: 20, MaxHeartbeatInterval: stretch})
+	connect := func(id string) (*memStream, chan error) {
+		st := newMemStream()
+		t.Cleanup(st.cancel)
+		served := make(chan error, 1)
+		go func() { served <- tm.eng.ServeAgent(st) }()
+		st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
+			NodeId: id, Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
+		}}}
+		return st, served
+	}
+	first, served := connect("n1")
+	var welcome *pb.Welcome
+	for welcome == nil {
+		select {
+		case m := <-first.out:
+			welcome = m.GetWelcome()
+		case err := <-served:
+			t.Fatalf("stream ended before the Welcome: %v", err)
+		case <-time.After(schedtest.WaitTimeout):
+			t.Fatal("no Welcome")
+		}
+	}
+	if got := welcome.GetHeartbeatInterval().AsDuration(); got != base {
+		t.Fatalf("the first node was welcomed with %s; want %s", got, base)
+	}
+	for _, id := range []string{"n2", "n3"} {
+		st, served := connect(id)
+		waitWelcome(t, st, served)
+	}
+	// n1 must hear of the stretch in a heartbeat; it beats meanwhile.
+	deadline := time.After(schedtest.WaitTimeout)
+	for told := false; !told; {
+		select {
+		case m := <-first.out:
+			if d := m.GetHeartbeat().GetInterval(); d != nil {
+				if got := d.AsDuration(); got != stretch {
+					t.Fatalf("n1 was told %s; want %s", got, stretch)
+				}
+				told = true
+			}
+		case err := <-served:
+			t.Fatalf("n1's stream ended: %v", err)
+		case <-time.After(base):
+			first.in <- heartbeat()
+		case <-deadline:
+			t.Fatal("n1 was never told the stretched interval")
+		}
+	}
+	// Beating at the new pace (slower than 3 × the old interval) keeps it.
+	for range 5 {
+		select {
+		case err := <-served:
+			t.Fatalf("n1 beating every %s was cut: %v", stretch, err)
+		case <-time.After(stretch):
+			first.in <- heartbeat()
+		}
+	}
+}

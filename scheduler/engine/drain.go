@@ -114,5 +114,6 @@ func (e *Engine) Label(ctx context.Context, id string, set map[string]string, re
 			labels = nil
 		}
 		n.node.OperatorLabels = labels
+		n.placement, e.nodesChanged = nil, true
 	})
 }

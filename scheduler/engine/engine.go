@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -25,6 +26,14 @@ type Config struct {
 	Now func() time.Time
 	// HeartbeatInterval is what agents are told to use. Default 2s.
 	HeartbeatInterval time.Duration
+	// MaxHeartbeatsPerSecond bounds the heartbeats of all agents together
+	// (each way): past MaxHeartbeatsPerSecond × HeartbeatInterval nodes,
+	// agents are told a longer interval, as Nomad stretches its heartbeat
+	// TTLs, so a big cluster's idle traffic stays flat. Default 1000 (2,000
+	// nodes at 2s; 10,000 nodes get 10s).
+	MaxHeartbeatsPerSecond int
+	// MaxHeartbeatInterval caps that stretch. Default 10s.
+	MaxHeartbeatInterval time.Duration
 	// NodeLostAfter: a node whose agent has been disconnected this long is
 	// LOST and its lease is ended. Default 30s.
 	NodeLostAfter time.Duration
@@ -85,6 +94,12 @@ func (c *Config) setDefaults() {
 	if c.HeartbeatInterval <= 0 {
 		c.HeartbeatInterval = 2 * time.Second
 	}
+	if c.MaxHeartbeatsPerSecond <= 0 {
+		c.MaxHeartbeatsPerSecond = 1000
+	}
+	if c.MaxHeartbeatInterval <= 0 {
+		c.MaxHeartbeatInterval = 10 * time.Second
+	}
 	if c.NodeLostAfter <= 0 {
 		c.NodeLostAfter = 30 * time.Second
 	}
@@ -119,11 +134,16 @@ type Engine struct {
 	// loaded is closed once the term's state is rebuilt from etcd.
 	loaded chan struct{}
 
-	mu     sync.RWMutex // guards everything below; the loop holds it while applying+committing
-	jobs   map[string]*model.Job
-	order  []*model.Job // every job by Seq, for listing in ID order
-	nodes  map[string]*nodeEntry
-	leases map[string]*leaseEntry
+	mu    sync.RWMutex // guards everything below; the loop holds it while applying+committing
+	jobs  map[string]*model.Job
+	order []*model.Job // every job by Seq, for listing in ID order
+	nodes map[string]*nodeEntry
+	// nodeCount is len(nodes), readable without the lock (heartbeats).
+	nodeCount atomic.Int64
+	// offline holds the nodes without an agent stream that are not yet
+	// LOST, so the lost-node check visits only them, not every node.
+	offline map[*nodeEntry]struct{}
+	leases  map[string]*leaseEntry
 	// tenants and queues are the policy settings; queues always holds
 	// model.DefaultQueue.
 	tenants map[string]model.Tenant
@@ -150,9 +170,11 @@ type Engine struct {
 	newWork   bool
 	pacer     cyclePacer
 	deadlines deadlineHeap
-	// cycleBufs and nodeOrder are reused by every placement cycle.
-	cycleBufs cycleBufs
-	nodeOrder []*nodeEntry
+	// cycleBufs and nodeOrder are reused by every placement cycle;
+	// nodesChanged says a node's placement view changed since.
+	cycleBufs    cycleBufs
+	nodeOrder    []*nodeEntry
+	nodesChanged bool
 }
 
 // outMsg is a command for one agent, sent after the turn commits.
@@ -173,6 +195,7 @@ func New(cfg Config) *Engine {
 		pacer:   newCyclePacer(),
 		jobs:    map[string]*model.Job{},
 		nodes:   map[string]*nodeEntry{},
+		offline: map[*nodeEntry]struct{}{},
 		leases:  map[string]*leaseEntry{},
 		tenants: map[string]model.Tenant{},
 		idem:    map[string]*model.Idempotency{},
@@ -182,6 +205,14 @@ func New(cfg Config) *Engine {
 
 // Loaded is closed once the engine has rebuilt its state and serves reads.
 func (e *Engine) Loaded() <-chan struct{} { return e.loaded }
+
+// heartbeatInterval is what a newly connected agent is told: the
+// configured interval, stretched so that all agents together send at most
+// MaxHeartbeatsPerSecond, up to MaxHeartbeatInterval.
+func (e *Engine) heartbeatInterval() time.Duration {
+	stretched := time.Duration(float64(e.nodeCount.Load()) / float64(e.cfg.MaxHeartbeatsPerSecond) * float64(time.Second))
+	return max(e.cfg.HeartbeatInterval, min(stretched, e.cfg.MaxHeartbeatInterval))
+}
 
 // Token is the fencing token this term stamps on agent commands.
 func (e *Engine) Token() int64 { return e.cfg.Fence.Revision }

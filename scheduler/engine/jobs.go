@@ -198,24 +198,41 @@ func (e *Engine) schedule() {
 	// rebuilding them the bulk of the garbage. The snapshot refers to them
 	// only for this call.
 	b := &e.cycleBufs
-	b.free, b.all = b.free[:0], b.all[:0]
-	usage := map[string]placement.Usage{}
-	for _, n := range e.nodesInOrder() {
-		pn := placement.Node{ID: n.node.ID, GPUModel: n.node.Inventory.GPUModel, GPUCount: n.node.Inventory.GPUCount,
-			GPUMemoryBytes: n.node.Inventory.GPUMemoryBytes, Labels: n.node.EffectiveLabels()}
-		b.all = append(b.all, pn)
+	// Every node, every cycle: nothing here may hash or allocate per node.
+	// The list of all nodes only changes when one joins or is relabelled.
+	nodes := e.nodesInOrder()
+	rebuildAll := e.nodesChanged || len(b.all) != len(nodes)
+	if rebuildAll {
+		b.all, e.nodesChanged = b.all[:0], false
+	}
+	b.free = b.free[:0]
+	perTenant := map[string]*placement.Usage{}
+	var last *placement.Usage
+	lastTenant := ""
+	for _, n := range nodes {
+		pn := n.placementNode()
+		if rebuildAll {
+			b.all = append(b.all, *pn)
+		}
 		if n.placeable() {
-			b.free = append(b.free, pn)
+			b.free = append(b.free, *pn)
 		}
-		if le := e.leases[n.lease]; n.lease != "" && le != nil {
-			u := usage[le.lease.Tenant]
-			if u.PerModel == nil {
-				u.PerModel = map[string]int{}
+		if n.lease == "" {
+			continue
+		}
+		if last == nil || n.tenant != lastTenant {
+			if last = perTenant[n.tenant]; last == nil {
+				last = &placement.Usage{PerModel: map[string]int{}}
+				perTenant[n.tenant] = last
 			}
-			u.Nodes++
-			u.PerModel[pn.GPUModel]++
-			usage[le.lease.Tenant] = u
+			lastTenant = n.tenant
 		}
+		last.Nodes++
+		last.PerModel[pn.GPUModel]++
+	}
+	usage := make(map[string]placement.Usage, len(perTenant))
+	for t, u := range perTenant {
+		usage[t] = *u
 	}
 	now := e.cfg.Now()
 	jobs := e.queue.jobs
@@ -239,7 +256,8 @@ func (e *Engine) schedule() {
 	for name, q := range e.queues {
 		policy.Queues[name] = placement.Queue{Name: name, Priority: q.Priority, Weight: q.Weight, Paused: q.Paused}
 	}
-	plan := placement.Schedule(placement.NewSnapshot(b.free, b.all), policy, b.reqs)
+	b.snapshots.FreeInIDOrder = true // nodesInOrder
+	plan := placement.Schedule(b.snapshots.Build(b.free, b.all), policy, b.reqs)
 	for i, why := range plan.Why {
 		if why != "" {
 			jobs[i].Reason = why
@@ -255,6 +273,7 @@ func (e *Engine) schedule() {
 type cycleBufs struct {
 	free, all []placement.Node
 	reqs      []placement.Request
+	snapshots placement.SnapshotBuilder
 }
 
 // nodesInOrder returns every node in ID order, so the snapshot's free
@@ -289,7 +308,7 @@ func (e *Engine) grant(j *model.Job, nodes []string) {
 			Node: id, Rank: rank, GPUModel: n.node.Inventory.GPUModel,
 			GPUCount: n.node.Inventory.GPUCount, GPUUUIDs: uuids,
 		})
-		n.lease = l.ID
+		n.lease, n.tenant = l.ID, l.Tenant
 	}
 	j.SetState(model.JobScheduled, "", now)
 	j.LeaseID, j.Nodes = l.ID, nodes
@@ -347,7 +366,7 @@ func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
 	for _, ln := range l.Nodes {
 		n := e.nodes[ln.Node]
 		if n.lease == l.ID {
-			n.lease, n.cleaning = "", l.ID
+			n.lease, n.tenant, n.cleaning = "", "", l.ID
 		}
 		e.release(ln.Node, l.ID, reason)
 	}
@@ -460,10 +479,12 @@ func (e *Engine) checkTimers() {
 		}
 		e.endJob(j, model.JobTimedOut, fmt.Sprintf("exceeded time limit %s", j.Spec.TimeLimit))
 	}
-	for id, n := range e.nodes {
-		if n.conn != nil || n.lost || now.Sub(n.disconnectedAt) < e.cfg.NodeLostAfter {
+	for n := range e.offline {
+		if now.Sub(n.disconnectedAt) < e.cfg.NodeLostAfter {
 			continue
 		}
+		id := n.node.ID
+		delete(e.offline, n)
 		n.lost = true
 		e.log.Warn("node lost", zap.String("node", id))
 		if n.lease != "" {

@@ -49,7 +49,9 @@ func (e *Engine) SetTenant(ctx context.Context, t model.Tenant) (model.Tenant, e
 	})
 }
 
-// SaveQueue creates (create) or updates a queue's priority and weight.
+// SaveQueue creates (create) or updates a queue's priority and weight. A
+// queue may be created paused (to fill it before any of it starts); an
+// update keeps the pause state, which PauseQueue and ResumeQueue change.
 func (e *Engine) SaveQueue(ctx context.Context, q model.Queue, create bool) (model.Queue, error) {
 	q, err := model.NormalizeQueue(q)
 	if err != nil {
@@ -64,7 +66,9 @@ func (e *Engine) SaveQueue(ctx context.Context, q model.Queue, create bool) (mod
 		case !create && !exists:
 			return model.Errorf(model.ErrNotFound, "queue %s not found", q.Name)
 		}
-		q.Paused = old.Paused // pause and resume have their own calls
+		if !create {
+			q.Paused = old.Paused
+		}
 		e.queues[q.Name] = q
 		e.persist(store.Change{Queue: &q})
 		out = q

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/placement"
 )
 
 // nodeEntry is a node plus what the leader derives in memory. node.State
@@ -17,14 +18,28 @@ import (
 // records and a restart recomputes them from leases and agent reports.
 type nodeEntry struct {
 	node *model.Node
-	// lease is the active lease holding the node.
-	lease string
+	// lease is the active lease holding the node, and tenant its tenant.
+	lease, tenant string
 	// cleaning is an ended lease the agent has not yet released.
 	cleaning string
 	conn     *agentConn
 	// disconnectedAt is when the stream went away (or the term started).
 	disconnectedAt time.Time
 	lost           bool
+	// placement is what a placement cycle sees of the node; built on
+	// first use and dropped (stale) whenever its inventory or labels change.
+	placement *placement.Node
+}
+
+// placementNode returns the node as placement sees it, building it once
+// per change: every cycle visits every node, so it must not allocate.
+func (n *nodeEntry) placementNode() *placement.Node {
+	if n.placement == nil {
+		inv := n.node.Inventory
+		n.placement = &placement.Node{ID: n.node.ID, GPUModel: inv.GPUModel, GPUCount: inv.GPUCount,
+			GPUMemoryBytes: inv.GPUMemoryBytes, Labels: n.node.EffectiveLabels()}
+	}
+	return n.placement
 }
 
 // view renders the node as clients see it.
@@ -147,7 +162,10 @@ func (e *Engine) load(ctx context.Context) error {
 	}
 	sort.Slice(e.idemOrder, func(i, j int) bool { return e.idemOrder[i].CreateTime.Before(e.idemOrder[j].CreateTime) })
 	for _, n := range st.Nodes {
-		e.nodes[n.ID] = &nodeEntry{node: n, disconnectedAt: now}
+		ne := &nodeEntry{node: n, disconnectedAt: now}
+		e.nodes[n.ID] = ne
+		e.nodeCount.Store(int64(len(e.nodes)))
+		e.offline[ne] = struct{}{}
 	}
 	for _, j := range st.Jobs {
 		e.jobs[j.ID] = j
@@ -172,7 +190,7 @@ func (e *Engine) load(ctx context.Context) error {
 			if !ok {
 				return fmt.Errorf("engine: lease %s names unknown node %s", l.ID, ln.Node)
 			}
-			n.lease = l.ID
+			n.lease, n.tenant = l.ID, l.Tenant
 		}
 		if j := e.jobs[l.JobID]; j != nil && j.Spec.TimeLimit > 0 {
 			heap.Push(&e.deadlines, deadline{at: j.ScheduleTime.Add(j.Spec.TimeLimit), job: j.ID, lease: l.ID})

@@ -61,12 +61,31 @@ type bucket struct {
 func (b *bucket) freeNode(i int) *Node { return &b.free[b.freeIdx[i]] }
 
 // NewSnapshot indexes placeable nodes (free) and all known nodes (all).
-func NewSnapshot(free, all []Node) *Snapshot {
+func NewSnapshot(free, all []Node) *Snapshot { return new(SnapshotBuilder).Build(free, all) }
+
+// SnapshotBuilder builds snapshots cycle after cycle, reusing the index
+// memory of the previous one: a cycle over 10,000 nodes otherwise makes
+// most of the scheduler's garbage. The zero value is ready to use.
+type SnapshotBuilder struct {
+	// FreeInIDOrder promises that free lists nodes in ID order, as the
+	// engine keeps them, so Build does not check.
+	FreeInIDOrder bool
+	of, backing   []int32
+}
+
+// Build indexes free and all like NewSnapshot. The snapshot it returned
+// before must no longer be in use: its index memory is reused.
+func (sb *SnapshotBuilder) Build(free, all []Node) *Snapshot {
 	idx := map[bucketKey]int32{}
 	var keys []bucketKey
 	var nFree, nAll []int32 // nodes per bucket
+	var lastKey bucketKey
+	var last int32 = -1
 	bucketOf := func(n *Node) int32 {
 		k := bucketKey{n.GPUModel, n.GPUCount, n.GPUMemoryBytes}
+		if last >= 0 && k == lastKey {
+			return last // nodes come in runs of one shape; skip hashing
+		}
 		b, ok := idx[k]
 		if !ok {
 			b = int32(len(keys))
@@ -74,10 +93,12 @@ func NewSnapshot(free, all []Node) *Snapshot {
 			keys = append(keys, k)
 			nFree, nAll = append(nFree, 0), append(nAll, 0)
 		}
+		lastKey, last = k, b
 		return b
 	}
 	// Counting sort by bucket into one backing array per list.
-	of := make([]int32, len(all)+len(free))
+	sb.of = slices.Grow(sb.of[:0], len(all)+len(free))[:len(all)+len(free)]
+	of := sb.of
 	allOf, freeOf := of[:len(all)], of[len(all):]
 	for i := range all {
 		allOf[i] = bucketOf(&all[i])
@@ -88,7 +109,8 @@ func NewSnapshot(free, all []Node) *Snapshot {
 		nFree[freeOf[i]]++
 	}
 	s := &Snapshot{buckets: make([]bucket, len(keys))}
-	backing := make([]int32, len(all)+len(free))
+	sb.backing = slices.Grow(sb.backing[:0], len(all)+len(free))[:len(all)+len(free)]
+	backing := sb.backing
 	for b, k := range keys {
 		s.buckets[b] = bucket{key: k, free: free, all: all,
 			allIdx: backing[:0:nAll[b]], freeIdx: backing[nAll[b] : nAll[b] : nAll[b]+nFree[b]]}
@@ -104,7 +126,7 @@ func NewSnapshot(free, all []Node) *Snapshot {
 		bk := &s.buckets[b]
 		// Callers that list nodes in ID order (the engine does) skip the sort.
 		byID := func(a, b int32) int { return strings.Compare(free[a].ID, free[b].ID) }
-		if !slices.IsSortedFunc(bk.freeIdx, byID) {
+		if !sb.FreeInIDOrder && !slices.IsSortedFunc(bk.freeIdx, byID) {
 			slices.SortFunc(bk.freeIdx, byID)
 		}
 		if len(bk.allIdx) < len(bk.freeIdx) {

@@ -248,8 +248,9 @@ func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSe
 	// Every transaction also records its writer's token, so etcd's history
 	// shows which leader made each revision (see internal/invariants).
 	keys := map[string]bool{} // shared: a key lands in one transaction only
+	scratch := new([]byte)
 	newBatch := func() batch {
-		b := batch{keys: keys}
+		b := batch{keys: keys, scratch: scratch}
 		b.ops = append(b.ops, clientv3.OpPut(s.WriterKey(), strconv.FormatInt(fence.Revision, 10)))
 		if jobSeq > 0 {
 			b.ops = append(b.ops, clientv3.OpPut(s.seqKey(), strconv.FormatUint(jobSeq, 10)))
@@ -316,6 +317,9 @@ const MaxConcurrentTxns = 4
 type batch struct {
 	ops  []clientv3.Op
 	keys map[string]bool
+	// scratch is shared too: records are encoded into it, then copied
+	// once into the op's value.
+	scratch *[]byte
 }
 
 func (b *batch) del(key string) {
@@ -326,65 +330,54 @@ func (b *batch) del(key string) {
 	b.ops = append(b.ops, clientv3.OpDelete(key))
 }
 
-func (b *batch) put(key, value string) {
+// put adds a put of key with the wire form of the record msg returns,
+// unless the key is already in the commit: then its first put carries the
+// final value, and msg and the marshalling (the costly part: a gang's lease
+// changes once per node in a turn) are skipped.
+func (b *batch) put(key string, msg func() proto.Message) error {
 	if b.keys[key] {
-		return
+		return nil
 	}
+	v, err := proto.MarshalOptions{}.MarshalAppend((*b.scratch)[:0], msg())
+	if err != nil {
+		return fmt.Errorf("store: encode %s: %w", key, err)
+	}
+	*b.scratch = v
 	b.keys[key] = true
-	b.ops = append(b.ops, clientv3.OpPut(key, value))
+	b.ops = append(b.ops, clientv3.OpPut(key, string(v)))
+	return nil
 }
 
 func (s *Store) appendOps(b *batch, c Change) error {
-	if c.Job != nil {
-		v, err := proto.Marshal(wire.JobToProto(c.Job))
-		if err != nil {
-			return fmt.Errorf("store: encode job %s: %w", c.Job.ID, err)
-		}
-		b.put(s.jobKey(c.Job.Seq), string(v))
+	var err error
+	if j := c.Job; j != nil {
+		err = b.put(s.jobKey(j.Seq), func() proto.Message { return wire.JobToProto(j) })
 	}
-	if c.Lease != nil {
-		v, err := proto.Marshal(wire.LeaseToProto(c.Lease))
-		if err != nil {
-			return fmt.Errorf("store: encode lease %s: %w", c.Lease.ID, err)
-		}
-		b.put(s.leaseKey(c.Lease.ID), string(v))
+	if l := c.Lease; l != nil && err == nil {
+		err = b.put(s.leaseKey(l.ID), func() proto.Message { return wire.LeaseToProto(l) })
 	}
-	if c.Node != nil {
-		// Connected and the lease fields are derived in memory; persisting
-		// them would only go stale.
-		n := c.Node.Clone()
-		n.Connected, n.LeaseID, n.JobID = false, "", ""
-		v, err := proto.Marshal(wire.NodeToProto(n))
-		if err != nil {
-			return fmt.Errorf("store: encode node %s: %w", c.Node.ID, err)
-		}
-		b.put(s.nodeKey(c.Node.ID), string(v))
+	if n := c.Node; n != nil && err == nil {
+		err = b.put(s.nodeKey(n.ID), func() proto.Message {
+			// Connected and the lease fields are derived in memory;
+			// persisting them would only go stale.
+			n := n.Clone()
+			n.Connected, n.LeaseID, n.JobID = false, "", ""
+			return wire.NodeToProto(n)
+		})
 	}
-	if c.Tenant != nil {
-		v, err := proto.Marshal(wire.TenantToProto(*c.Tenant))
-		if err != nil {
-			return fmt.Errorf("store: encode tenant %s: %w", c.Tenant.Name, err)
-		}
-		b.put(s.tenantPrefix()+c.Tenant.Name, string(v))
+	if t := c.Tenant; t != nil && err == nil {
+		err = b.put(s.tenantPrefix()+t.Name, func() proto.Message { return wire.TenantToProto(*t) })
 	}
-	if c.Idem != nil {
-		v, err := proto.Marshal(wire.IdempotencyToProto(*c.Idem))
-		if err != nil {
-			return fmt.Errorf("store: encode idempotency record: %w", err)
-		}
-		b.put(s.idemKey(c.Idem), string(v))
+	if r := c.Idem; r != nil && err == nil {
+		err = b.put(s.idemKey(r), func() proto.Message { return wire.IdempotencyToProto(*r) })
 	}
-	if c.ExpireIdem != nil {
+	if q := c.Queue; q != nil && err == nil {
+		err = b.put(s.queuePrefix()+q.Name, func() proto.Message { return wire.QueueToProto(*q) })
+	}
+	if c.ExpireIdem != nil && err == nil {
 		b.del(s.idemKey(c.ExpireIdem))
 	}
-	if c.Queue != nil {
-		v, err := proto.Marshal(wire.QueueToProto(*c.Queue))
-		if err != nil {
-			return fmt.Errorf("store: encode queue %s: %w", c.Queue.Name, err)
-		}
-		b.put(s.queuePrefix()+c.Queue.Name, string(v))
-	}
-	return nil
+	return err
 }
 
 func (s *Store) txn(ctx context.Context, fence Fence, ops []clientv3.Op) (int64, error) {

@@ -870,7 +870,12 @@ func (x *HeldLease) GetExit() *LeaseExited {
 
 // Heartbeat keeps the stream known to be alive, in both directions.
 type Heartbeat struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Set by the scheduler when the interval it wants changed since its
+	// Welcome (it stretches intervals as the cluster grows, to bound the
+	// heartbeats of all agents together): use this one from now on. Agents
+	// leave it unset.
+	Interval      *durationpb.Duration `protobuf:"bytes,1,opt,name=interval,proto3" json:"interval,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -903,6 +908,13 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
 	return file_gpusched_v1_agent_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Heartbeat) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
 }
 
 // LeaseStarted: the command is running on this node.
@@ -1493,8 +1505,9 @@ const file_gpusched_v1_agent_service_proto_rawDesc = "" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x18\n" +
 	"\astarted\x18\x02 \x01(\bR\astarted\x12\x16\n" +
 	"\x06exited\x18\x03 \x01(\bR\x06exited\x12,\n" +
-	"\x04exit\x18\x04 \x01(\v2\x18.gpusched.v1.LeaseExitedR\x04exit\"\v\n" +
-	"\tHeartbeat\";\n" +
+	"\x04exit\x18\x04 \x01(\v2\x18.gpusched.v1.LeaseExitedR\x04exit\"B\n" +
+	"\tHeartbeat\x125\n" +
+	"\binterval\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\binterval\";\n" +
 	"\fLeaseStarted\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\tR\aleaseId\x12\x10\n" +
 	"\x03pid\x18\x02 \x01(\x05R\x03pid\"w\n" +
@@ -1603,16 +1616,17 @@ var file_gpusched_v1_agent_service_proto_depIdxs = []int32{
 	17, // 19: gpusched.v1.AgentHello.labels:type_name -> gpusched.v1.AgentHello.LabelsEntry
 	7,  // 20: gpusched.v1.AgentHello.leases:type_name -> gpusched.v1.HeldLease
 	10, // 21: gpusched.v1.HeldLease.exit:type_name -> gpusched.v1.LeaseExited
-	23, // 22: gpusched.v1.Welcome.heartbeat_interval:type_name -> google.protobuf.Duration
-	18, // 23: gpusched.v1.StartLease.env:type_name -> gpusched.v1.StartLease.EnvEntry
-	23, // 24: gpusched.v1.ReleaseLease.grace:type_name -> google.protobuf.Duration
-	0,  // 25: gpusched.v1.AgentService.Connect:input_type -> gpusched.v1.ConnectRequest
-	1,  // 26: gpusched.v1.AgentService.Connect:output_type -> gpusched.v1.ConnectResponse
-	26, // [26:27] is the sub-list for method output_type
-	25, // [25:26] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	23, // 22: gpusched.v1.Heartbeat.interval:type_name -> google.protobuf.Duration
+	23, // 23: gpusched.v1.Welcome.heartbeat_interval:type_name -> google.protobuf.Duration
+	18, // 24: gpusched.v1.StartLease.env:type_name -> gpusched.v1.StartLease.EnvEntry
+	23, // 25: gpusched.v1.ReleaseLease.grace:type_name -> google.protobuf.Duration
+	0,  // 26: gpusched.v1.AgentService.Connect:input_type -> gpusched.v1.ConnectRequest
+	1,  // 27: gpusched.v1.AgentService.Connect:output_type -> gpusched.v1.ConnectResponse
+	27, // [27:28] is the sub-list for method output_type
+	26, // [26:27] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_gpusched_v1_agent_service_proto_init() }
