@@ -52,6 +52,9 @@ type Config struct {
 	// MetricsStaleAfter: GPUs whose newest sample is older are left out of
 	// the replica's metrics. Default metrics.DefaultStaleAfter.
 	MetricsStaleAfter time.Duration
+	// RPCObserver also sees every RPC, after the replica's own metrics
+	// (a benchmark's exact timings, say). Nil: none.
+	RPCObserver api.RPCObserver
 }
 
 // Scheduler is one replica: it serves the API and leads when elected.
@@ -121,7 +124,7 @@ func (s *Scheduler) Serve(ctx context.Context, lis net.Listener) error {
 		s.cfg.Name = s.cfg.Address
 	}
 	defer s.peers.close()
-	srv := grpc.NewServer(api.ServerOptions(s.log, s.metrics)...)
+	srv := grpc.NewServer(api.ServerOptions(s.log, s.metrics, s.cfg.RPCObserver)...)
 	api.Register(srv, api.Backend{Leader: s.Leader, LeaderConn: s.leaderConn, LeaderAddr: s.agentLeaderAddr, Status: s.Status, Telemetry: s.telemetry, Store: s.store})
 	hs := registerHealthAndReflection(srv)
 	ctx, cancel := context.WithCancel(ctx)

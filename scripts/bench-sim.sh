@@ -28,6 +28,7 @@ bin/gpusched sim \
   --cpuprofile-cold-start "$out/sched-coldstart.cpu" \
   --memprofile "$out/sched-queued.heap" \
   --sim-cpuprofile "$out/sim-backlog.cpu" \
+  --sim-cpuprofile-open "$out/sim-open.cpu" \
   --work-dir "$out/work" \
   --json-file "$out/report.json" \
   "$@" 2> >(tee "$out/progress.txt" >&2) | tee "$out/report.txt"

@@ -42,8 +42,12 @@ Go SDK.
 Phases:
   open     --rate jobs/s for --duration, open loop, with free capacity:
            accepted submissions/s and submit → StartLease latency at the agent
-  backlog  the queue is paused, --backlog jobs are queued (SubmitBatch), then
-           resumed on an idle cluster: committed placements/s until all placed
+  backlog  the queue is paused, --backlog jobs are queued (SubmitBatch), and
+           --burst one-node jobs in a queue of higher priority; the burst is
+           released first onto the idle cluster (placements/s with free
+           nodes, the backlog pending behind), then, once its jobs ended,
+           the backlog: committed placements/s until all placed (the drain,
+           bound by job turnover)
   then     every job must end SUCCEEDED (--verify), etcd DB size, leader cold
            starts (--cold-start: agents held back, then all retrying), and
            etcd's batched-write ceiling on the same machine (--ceiling-clients).
@@ -83,6 +87,9 @@ subscribers instead.`,
 			if cfg.Nodes < 1 {
 				return usageError("--nodes must be at least 1")
 			}
+			if cfg.BurstJobs < 0 {
+				cfg.BurstJobs = cfg.Nodes
+			}
 			cfg.EtcdEndpoints = splitList([]string{etcd})
 			cfg.Progress = cmd.ErrOrStderr()
 			ctx, stop := signalContext(cmd.Context())
@@ -116,6 +123,8 @@ subscribers instead.`,
 	f.IntVar(&cfg.BacklogBatch, "backlog-batch", 1000, "backlog phase: jobs per SubmitBatch")
 	f.IntVar(&cfg.BacklogConcurrency, "backlog-concurrency", 4, "backlog phase: SubmitBatch calls in flight")
 	f.StringVar(&backlogRun, "backlog-run", "0s-200ms", "backlog phase: job run time, d or min-max (uniform)")
+	f.IntVar(&cfg.BurstJobs, "burst", -1, "backlog phase: one-node jobs released first onto the idle cluster (-1: --nodes; 0 skips)")
+	f.DurationVar(&cfg.BurstRun, "burst-run", 3*time.Second, "backlog phase: run time of each burst job (long enough that none ends during the burst)")
 	f.BoolVar(&cfg.ColdStart, "cold-start", true, "stop the leader at the end and time a fresh replica (twice: agents held back, then retrying)")
 	f.StringVar(&ceiling, "ceiling-clients", "1,4,16", "etcd batched-write ceiling from this many clients each ('' skips it)")
 	f.DurationVar(&cfg.CeilingDuration, "ceiling-duration", 3*time.Second, "how long each ceiling measurement writes")
@@ -126,6 +135,7 @@ subscribers instead.`,
 	f.StringVar(&cfg.MemProfile, "memprofile", "", "write the scheduler's heap profile with the backlog queued here")
 	f.StringVar(&cfg.ColdStartCPUProfile, "cpuprofile-cold-start", "", "write the fresh replica's CPU profile, start to state loaded, here (agents held back) and in FILE.retrying")
 	f.StringVar(&cfg.SimCPUProfile, "sim-cpuprofile", "", "write this process's (agents, etcd, load) CPU profile over the drain here")
+	f.StringVar(&cfg.OpenSimCPUProfile, "sim-cpuprofile-open", "", "write this process's CPU profile over the open phase here")
 	f.StringVar(&cfg.WorkDir, "work-dir", "", "etcd data and scheduler logs (default: a temp dir, removed at the end)")
 	f.DurationVar(&cfg.PhaseTimeout, "phase-timeout", 10*time.Minute, "give up on any one wait after this long")
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON instead of tables")

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
 )
 
 // commitTap wraps the scheduler's etcd KV to time its commits from the
@@ -183,9 +184,22 @@ func (t *commitTap) stats(windowStart time.Time, reset bool) CommitStats {
 // every placement cycle's and commit's wall time, and each job's wait from
 // creation to its first lease, as the engine measures them.
 type loopRecorder struct {
-	mu                     sync.Mutex
-	cycles, commits, leads []time.Duration
+	mu                              sync.Mutex
+	cycles, commits, leads, submits []time.Duration
 }
+
+// submitMethod is the RPC whose server-side time the recorder keeps.
+const submitMethod = "/gpusched.v1.JobService/SubmitJob"
+
+// RPCDone records the server-side time of each successful SubmitJob: the
+// part of the SDK's call the scheduler's process accounts for.
+func (r *loopRecorder) RPCDone(method string, code codes.Code, took time.Duration) {
+	if method == submitMethod && code == codes.OK {
+		r.add(&r.submits, took)
+	}
+}
+func (r *loopRecorder) TelemetryReceived(int)   {}
+func (r *loopRecorder) TelemetryDropped(uint64) {}
 
 func (r *loopRecorder) ScheduleCycle(d time.Duration) { r.add(&r.cycles, d) }
 func (r *loopRecorder) Commit(d time.Duration)        { r.add(&r.commits, d) }
@@ -209,24 +223,28 @@ type EngineStats struct {
 	Commit Percentiles `json:"commit"`
 	// SubmitToLease is creation → first lease, by the leader's clock.
 	SubmitToLease Percentiles `json:"submit_to_lease"`
+	// SubmitRPC is a SubmitJob call as the scheduler's gRPC server timed
+	// it (interceptors in to response out).
+	SubmitRPC Percentiles `json:"submit_rpc"`
 }
 
 func (r *loopRecorder) stats(window time.Duration, reset bool) EngineStats {
 	r.mu.Lock()
-	cycles, commits, leads := r.cycles, r.commits, r.leads
+	cycles, commits, leads, submits := r.cycles, r.commits, r.leads, r.submits
 	if reset {
-		r.cycles, r.commits, r.leads = nil, nil, nil
+		r.cycles, r.commits, r.leads, r.submits = nil, nil, nil, nil
 	} else {
 		cycles = append([]time.Duration(nil), cycles...)
 		commits = append([]time.Duration(nil), commits...)
 		leads = append([]time.Duration(nil), leads...)
+		submits = append([]time.Duration(nil), submits...)
 	}
 	r.mu.Unlock()
 	var busy time.Duration
 	for _, d := range cycles {
 		busy += d
 	}
-	s := EngineStats{Cycle: summarize(cycles), Commit: summarize(commits), SubmitToLease: summarize(leads)}
+	s := EngineStats{Cycle: summarize(cycles), Commit: summarize(commits), SubmitToLease: summarize(leads), SubmitRPC: summarize(submits)}
 	if window > 0 {
 		s.CycleBusy = busy.Seconds() / window.Seconds()
 	}

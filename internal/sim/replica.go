@@ -160,7 +160,8 @@ func newReplicaCore(cfg ReplicaConfig, errlog io.Writer) (*replicaCore, error) {
 		Etcd: cli, Prefix: cfg.Prefix, Name: cfg.Name, SessionTTL: cfg.SessionTTL, Logger: log,
 		// The engine's timings go to the recorder (exact percentiles)
 		// instead of the replica's Prometheus histograms: same call sites.
-		Engine: engine.Config{HeartbeatInterval: cfg.HeartbeatInterval, NodeLostAfter: cfg.NodeLostAfter, Metrics: r.rec},
+		Engine:      engine.Config{HeartbeatInterval: cfg.HeartbeatInterval, NodeLostAfter: cfg.NodeLostAfter, Metrics: r.rec},
+		RPCObserver: r.rec,
 	})
 	return r, nil
 }
@@ -364,6 +365,7 @@ func ServeReplica(ctx context.Context, cfg ReplicaConfig, out, errlog io.Writer)
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("/sim/cpuprofile/start", func(w http.ResponseWriter, _ *http.Request) {
 		if err := r.prof.start(); err != nil {
 			http.Error(w, err.Error(), http.StatusConflict)

@@ -25,7 +25,12 @@ import (
 const (
 	PhaseOpen    = "open"
 	PhaseBacklog = "backlog"
+	PhaseBurst   = "burst"
 )
+
+// burstQueue holds the burst's jobs; its priority puts them ahead of the
+// backlog queued in "default".
+const burstQueue = "sim-burst"
 
 // Config configures a simulated-cluster run. Zero values take the
 // defaults of Defaults.
@@ -69,6 +74,14 @@ type Config struct {
 	BacklogBatch                 int
 	BacklogConcurrency           int
 	BacklogMinRun, BacklogMaxRun time.Duration
+	// The burst, the backlog phase's first step: BurstJobs one-node jobs
+	// running BurstRun each, queued with the backlog in a queue of higher
+	// priority and released first onto the idle cluster, so that placement
+	// runs with free nodes and the whole backlog pending behind: committed
+	// placements/s while capacity lasts (what kube-scheduler's
+	// scheduler_perf and Nomad's C1M measure). 0 skips it.
+	BurstJobs int
+	BurstRun  time.Duration
 
 	// ColdStart stops the leader at the end and times a fresh replica
 	// until it serves with the whole state loaded.
@@ -85,8 +98,9 @@ type Config struct {
 
 	// CPUProfile (backlog drain), OpenCPUProfile (open phase) and
 	// MemProfile (backlog queued) are profiles of the scheduler;
-	// SimCPUProfile of this process during the drain (process mode only).
-	CPUProfile, OpenCPUProfile, MemProfile, SimCPUProfile string
+	// SimCPUProfile of this process during the drain, and
+	// OpenSimCPUProfile during the open phase (process mode only).
+	CPUProfile, OpenCPUProfile, MemProfile, SimCPUProfile, OpenSimCPUProfile string
 	// ColdStartCPUProfile profiles the fresh replica of each cold start
 	// from its start until its state is loaded (process mode only): the
 	// quiet one in this file, the one with agents retrying in
@@ -135,6 +149,7 @@ func (c *Config) Defaults() {
 	defD(&c.NodeLostAfter, 30*time.Second)
 	defD(&c.SessionTTL, 5*time.Second)
 	defD(&c.CeilingDuration, 3*time.Second)
+	defD(&c.BurstRun, 3*time.Second)
 	defD(&c.PhaseTimeout, 10*time.Minute)
 }
 
@@ -363,6 +378,7 @@ func (s *run) startScheduler() error {
 		return err
 	}
 	s.sched = r
+	s.progress("%s: pid %d, gRPC %s, pprof and trace at http://%s/debug/pprof/", c.Name, r.PID(), r.Addr(), r.debug)
 	return nil
 }
 
@@ -470,6 +486,13 @@ func (s *run) openPhase(ctx context.Context) error {
 			return err
 		}
 	}
+	var simProf *cpuProfiler
+	if cfg.OpenSimCPUProfile != "" && !s.sched.InProcess() {
+		simProf = &cpuProfiler{}
+		if err := simProf.start(); err != nil {
+			return err
+		}
+	}
 	sc0, self0 := s.cpu()
 	t0 := time.Now()
 	res := Generate(ctx, LoadConfig{
@@ -490,6 +513,11 @@ func (s *run) openPhase(ctx context.Context) error {
 	if cfg.OpenCPUProfile != "" {
 		if perr := writeFile(cfg.OpenCPUProfile, s.sched.StopCPUProfile); perr != nil && err == nil {
 			err = fmt.Errorf("sim: cpu profile: %w", perr)
+		}
+	}
+	if simProf != nil {
+		if perr := writeFile(cfg.OpenSimCPUProfile, simProf.stop); perr != nil && err == nil {
+			err = perr
 		}
 	}
 	if err != nil {
@@ -517,14 +545,81 @@ func (s *run) openPhase(ctx context.Context) error {
 }
 
 func (s *run) queue(ctx context.Context, pause bool) error {
+	return s.queueNamed(ctx, "default", pause)
+}
+
+// queueNamed pauses or resumes a queue.
+func (s *run) queueNamed(ctx context.Context, name string, pause bool) error {
 	return s.cl.QueueService(ctx, func(ctx context.Context, q pb.QueueServiceClient) error {
 		var err error
 		if pause {
-			_, err = q.PauseQueue(ctx, &pb.PauseQueueRequest{Name: "default"})
+			_, err = q.PauseQueue(ctx, &pb.PauseQueueRequest{Name: name})
 		} else {
-			_, err = q.ResumeQueue(ctx, &pb.ResumeQueueRequest{Name: "default"})
+			_, err = q.ResumeQueue(ctx, &pb.ResumeQueueRequest{Name: name})
 		}
 		return err
+	})
+}
+
+// queueBurst creates the burst's queue, paused, and fills it.
+func (s *run) queueBurst(ctx context.Context) (LoadResult, error) {
+	cfg := s.cfg
+	err := s.cl.QueueService(ctx, func(ctx context.Context, q pb.QueueServiceClient) error {
+		_, err := q.CreateQueue(ctx, &pb.CreateQueueRequest{Queue: &pb.Queue{Name: burstQueue, Priority: 100, Weight: 1, Paused: true}})
+		return err
+	})
+	if err != nil {
+		return LoadResult{}, fmt.Errorf("sim: create queue %s: %w", burstQueue, err)
+	}
+	res := Generate(ctx, LoadConfig{
+		Client: s.cl, Phase: PhaseBurst, Jobs: cfg.BurstJobs, Batch: cfg.BacklogBatch,
+		Concurrency: cfg.BacklogConcurrency, Mix: []SizeClass{{Weight: 1, Min: 1, Max: 1}},
+		MinRun: cfg.BurstRun, MaxRun: cfg.BurstRun, Queue: burstQueue,
+		Tenants: cfg.Tenants, GPUModel: cfg.GPUModel, Seed: 3, KeepIDs: cfg.CheckInvariants,
+	})
+	s.accepted = append(s.accepted, res.IDs...)
+	if res.Accepted == 0 {
+		return res, fmt.Errorf("sim: no burst job accepted: %s%s", res.FirstError, res.FirstRejection)
+	}
+	return res, nil
+}
+
+// burst releases the queued burst onto the idle cluster and measures it
+// until every burst job is placed, then waits until they have all ended.
+func (s *run) burst(ctx context.Context, load LoadResult) error {
+	if _, err := s.sched.Stats(true); err != nil {
+		return err
+	}
+	sc0, self0 := s.cpu()
+	t0 := time.Now()
+	if err := s.queueNamed(ctx, burstQueue, false); err != nil {
+		return fmt.Errorf("sim: resume queue %s: %w", burstQueue, err)
+	}
+	s.progress("  burst: queue %s resumed: placing %d one-node jobs with %d queued behind them", burstQueue, load.Accepted, s.rep.Backlog.Load.Accepted)
+	if err := s.waitFor(ctx, "every burst job to be placed", func() (bool, string) {
+		n := s.tracker.Placed(PhaseBurst)
+		return n >= load.Accepted, fmt.Sprintf("%d/%d placed", n, load.Accepted)
+	}); err != nil {
+		return err
+	}
+	sc1, self1 := s.cpu()
+	st, err := s.sched.Stats(true)
+	if err != nil {
+		return err
+	}
+	ts := s.tracker.stats(PhaseBurst)
+	p := &PhaseReport{Load: load, Placed: ts.placed, NodesPlaced: ts.nodes, Scheduler: st,
+		Wall: ms(time.Since(t0)), SchedulerCPU: sc1 - sc0, SimCPU: self1 - self0}
+	if d := ts.last.Sub(t0); d > 0 {
+		p.PlacementSeconds = d.Seconds()
+		p.PlacementsPerSec = float64(ts.placed) / d.Seconds()
+	}
+	s.rep.Burst = p
+	s.progress("  burst: placed %d in %s: %.0f placements/s; placement cycle %s; commit %s",
+		ts.placed, ms(ts.last.Sub(t0)), p.PlacementsPerSec, st.Engine.Cycle, st.Commit.Commit)
+	return s.waitFor(ctx, "the burst's jobs to end", func() (bool, string) {
+		n := s.fleet.Held()
+		return n == 0, fmt.Sprintf("%d leases held", n)
 	})
 }
 
@@ -557,6 +652,14 @@ func (s *run) backlogPhase(ctx context.Context) error {
 	if res.Accepted == 0 {
 		return fmt.Errorf("sim: no backlog job accepted: %s%s", res.FirstError, res.FirstRejection)
 	}
+	var burst LoadResult
+	if cfg.BurstJobs > 0 {
+		var err error
+		if burst, err = s.queueBurst(ctx); err != nil {
+			return err
+		}
+		s.progress("  queued %d one-node burst jobs (%s each) in queue %s, ahead of the backlog", burst.Accepted, cfg.BurstRun, burstQueue)
+	}
 	if cfg.MemProfile != "" {
 		if err := writeFile(cfg.MemProfile, s.sched.HeapProfile); err != nil {
 			return fmt.Errorf("sim: heap profile: %w", err)
@@ -578,6 +681,11 @@ func (s *run) backlogPhase(ctx context.Context) error {
 	if cfg.SimCPUProfile != "" && !s.sched.InProcess() {
 		simProf = &cpuProfiler{}
 		if err := simProf.start(); err != nil {
+			return err
+		}
+	}
+	if cfg.BurstJobs > 0 {
+		if err := s.burst(ctx, burst); err != nil {
 			return err
 		}
 	}
