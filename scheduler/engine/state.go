@@ -67,7 +67,9 @@ func (n *nodeEntry) placeable() bool {
 }
 
 // leaseEntry is a lease plus per-node progress kept in memory. Agents
-// re-report progress when they reconnect, so none of it needs etcd.
+// re-report progress when they reconnect, so none of it needs etcd. Only
+// an active lease has progress maps: the leader holds every lease ever
+// granted, and two empty maps each would be most of an ended one's memory.
 type leaseEntry struct {
 	lease   *model.Lease
 	started map[string]bool
@@ -75,7 +77,11 @@ type leaseEntry struct {
 }
 
 func newLeaseEntry(l *model.Lease) *leaseEntry {
-	return &leaseEntry{lease: l, started: map[string]bool{}, exits: map[string]model.NodeExit{}}
+	le := &leaseEntry{lease: l}
+	if l.Active {
+		le.started, le.exits = map[string]bool{}, map[string]model.NodeExit{}
+	}
+	return le
 }
 
 // rank returns the node's rank in the lease, or -1.
