@@ -52,6 +52,9 @@ Phases:
            starts (--cold-start: agents held back, then all retrying), and
            etcd's batched-write ceiling on the same machine (--ceiling-clients).
 
+GOGC and GOMEMLIMIT in the environment apply to the scheduler child only;
+the sim process itself runs with GOGC=400 and no memory limit.
+
 The report is a table, or JSON with --json. See docs/benchmarks.md.
 'gpusched sim fanout' measures telemetry fan-out to StreamTelemetry
 subscribers instead.`,
@@ -169,6 +172,9 @@ snapshots, warm up, and measure for --duration: live samples/s received per
 subscriber, agent → subscriber latency (same host clock), the drops the
 stream reports (dropped, dropped_total), and the scheduler process's CPU
 (/proc/<pid>/stat) over the window. Target: p99 <= 250 ms.
+
+GOGC and GOMEMLIMIT in the environment apply to the scheduler child only;
+the sim process itself runs with GOGC=400 and no memory limit.
 
 The report is a table, or JSON with --json. See docs/benchmarks.md.`,
 		Example: `  gpusched sim fanout                                            # 2,000 nodes at 1 Hz, 20 subscribers, 60 s

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -157,6 +159,14 @@ func (c *Config) Defaults() {
 // started before returning.
 func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	cfg.Defaults()
+	if cfg.SchedulerProcess {
+		// GOGC and GOMEMLIMIT in the environment are meant for the
+		// scheduler (the child inherits them); this process (agents,
+		// etcd, load generator) keeps a GC of its own that costs the
+		// shared cores little, and no memory limit.
+		defer debug.SetGCPercent(debug.SetGCPercent(400))
+		defer debug.SetMemoryLimit(debug.SetMemoryLimit(math.MaxInt64))
+	}
 	s := &run{cfg: cfg, rep: &Report{Machine: machine(), Config: summarizeConfig(cfg)}, tracker: NewTracker()}
 	defer s.cleanup(&err)
 	if err := s.setup(ctx); err != nil {
