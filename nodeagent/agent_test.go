@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/gpusched/gpusched/nodeagent/gpu"
 	"github.com/gpusched/gpusched/nodeagent/runner"
@@ -508,4 +509,48 @@ func TestAgentRestart(t *testing.T) {
 			t.Errorf("hello after a crash: max fencing token %d; want 11", h.GetMaxFencingToken())
 		}
 	})
+}
+
+// A heartbeat from the scheduler may carry a new interval (the cluster
+// grew, or shrank on a new leader); the agent beats at it from then on.
+func TestTheAgentAdoptsTheIntervalAHeartbeatCarries(t *testing.T) {
+	n := newNode(t, "node-hb2")
+	f := newFake()
+	addr, _ := f.listen(t)
+	runAgent(t, n.config(t, addr))
+	s := f.stream(t, 1)
+	s.send(t, welcomeCmd(1)) // 2s: at most one beat in the window below
+	f.await(t, "the HealthReport after the Welcome", func(m *pb.ConnectRequest) bool { return m.GetHealth() != nil })
+	beats := func() int { return len(f.received(func(m *pb.ConnectRequest) bool { return m.GetHeartbeat() != nil })) }
+	before := beats()
+	s.send(t, &pb.ConnectResponse{FencingToken: 1, Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: &pb.Heartbeat{Interval: durationpb.New(150 * time.Millisecond)}}})
+	// Keep the scheduler audible at the new, shorter silence limit (450ms).
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				select {
+				case s.cmds <- &pb.ConnectResponse{FencingToken: 1, Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: &pb.Heartbeat{}}}:
+				default:
+				}
+			}
+		}
+	}()
+	// At 150ms, six beats take about 0.9s; at the old 2s they would take 12s.
+	deadline := time.Now().Add(6 * time.Second)
+	for beats()-before < 6 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d heartbeats in 6s after the interval changed to 150ms; want at least 6", beats()-before)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := f.streamCount(); got != 1 {
+		t.Errorf("the agent opened %d streams; want 1 (it must not have left the scheduler)", got)
+	}
 }

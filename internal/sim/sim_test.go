@@ -31,6 +31,7 @@ func TestSmoke(t *testing.T) {
 		OpenRate:          80, OpenDuration: 2 * time.Second, OpenConcurrency: 32,
 		OpenMinRun: 10 * time.Millisecond, OpenMaxRun: 60 * time.Millisecond,
 		BacklogJobs: 200, BacklogBatch: 50, BacklogConcurrency: 2, BacklogMaxRun: 20 * time.Millisecond,
+		BurstJobs: 50, BurstRun: 300 * time.Millisecond,
 		ColdStart: true, CeilingClients: []int{1}, CeilingDuration: 200 * time.Millisecond,
 		Verify: true, CheckInvariants: true, PhaseTimeout: 90 * time.Second,
 		Progress: &progress,
@@ -42,10 +43,17 @@ func TestSmoke(t *testing.T) {
 	rep.WriteText(&text)
 	t.Logf("report:\n%s", text.String())
 
-	submitted := rep.Open.Load.Submitted + rep.Backlog.Load.Submitted
-	accepted := rep.Open.Load.Accepted + rep.Backlog.Load.Accepted
-	if submitted != 160+200 || accepted != submitted {
-		t.Errorf("accepted %d of %d jobs; want all of 360 (open: %+v, backlog: %+v)", accepted, submitted, rep.Open.Load, rep.Backlog.Load)
+	if rep.Burst == nil {
+		t.Fatalf("no burst in the report")
+	}
+	submitted := rep.Open.Load.Submitted + rep.Backlog.Load.Submitted + rep.Burst.Load.Submitted
+	accepted := rep.Open.Load.Accepted + rep.Backlog.Load.Accepted + rep.Burst.Load.Accepted
+	if submitted != 160+200+50 || accepted != submitted {
+		t.Errorf("accepted %d of %d jobs; want all of 410 (open: %+v, backlog: %+v, burst: %+v)", accepted, submitted, rep.Open.Load, rep.Backlog.Load, rep.Burst.Load)
+	}
+	// The burst fills every node at once, ahead of the whole backlog.
+	if b := rep.Burst; b.Placed != 50 || b.NodesPlaced != 50 || b.PlacementsPerSec <= 0 {
+		t.Errorf("burst: placed %d jobs on %d nodes at %.0f/s; want 50 one-node jobs", b.Placed, b.NodesPlaced, b.PlacementsPerSec)
 	}
 	if rep.Open.Placed != rep.Open.Load.Accepted || rep.Backlog.Placed != rep.Backlog.Load.Accepted {
 		t.Errorf("placed %d open and %d backlog jobs; want %d and %d", rep.Open.Placed, rep.Backlog.Placed, rep.Open.Load.Accepted, rep.Backlog.Load.Accepted)
