@@ -201,21 +201,20 @@ func (e *Engine) schedule() {
 	// Every node, every cycle: nothing here may hash or allocate per node.
 	// The list of all nodes only changes when one joins or is relabelled.
 	nodes := e.nodesInOrder()
-	rebuildAll := e.nodesChanged || len(b.all) != len(nodes)
-	if rebuildAll {
+	if e.nodesChanged || len(b.all) != len(nodes) {
 		b.all, e.nodesChanged = b.all[:0], false
+		for _, n := range nodes {
+			b.all = append(b.all, *n.placementNode())
+		}
+		b.allVersion++
 	}
 	b.free = b.free[:0]
 	perTenant := map[string]*placement.Usage{}
 	var last *placement.Usage
 	lastTenant := ""
-	for _, n := range nodes {
-		pn := n.placementNode()
-		if rebuildAll {
-			b.all = append(b.all, *pn)
-		}
+	for i, n := range nodes {
 		if n.placeable() {
-			b.free = append(b.free, *pn)
+			b.free = append(b.free, int32(i))
 		}
 		if n.lease == "" {
 			continue
@@ -228,7 +227,7 @@ func (e *Engine) schedule() {
 			lastTenant = n.tenant
 		}
 		last.Nodes++
-		last.PerModel[pn.GPUModel]++
+		last.PerModel[n.node.Inventory.GPUModel]++
 	}
 	usage := make(map[string]placement.Usage, len(perTenant))
 	for t, u := range perTenant {
@@ -257,7 +256,7 @@ func (e *Engine) schedule() {
 		policy.Queues[name] = placement.Queue{Name: name, Priority: q.Priority, Weight: q.Weight, Paused: q.Paused}
 	}
 	b.snapshots.FreeInIDOrder = true // nodesInOrder
-	plan := placement.Schedule(b.snapshots.Build(b.free, b.all), policy, b.reqs)
+	plan := placement.Schedule(b.snapshots.BuildFree(b.all, b.allVersion, b.free), policy, b.reqs)
 	for i, why := range plan.Why {
 		if why != "" {
 			jobs[i].Reason = why
@@ -271,9 +270,13 @@ func (e *Engine) schedule() {
 
 // cycleBufs are a placement cycle's inputs, kept between cycles.
 type cycleBufs struct {
-	free, all []placement.Node
-	reqs      []placement.Request
-	snapshots placement.SnapshotBuilder
+	// all is every node in ID order, rebuilt (and allVersion bumped) only
+	// when one joins or changes; free indexes its placeable ones.
+	all        []placement.Node
+	allVersion uint64
+	free       []int32
+	reqs       []placement.Request
+	snapshots  placement.SnapshotBuilder
 }
 
 // nodesInOrder returns every node in ID order, so the snapshot's free

@@ -71,6 +71,80 @@ type SnapshotBuilder struct {
 	// engine keeps them, so Build does not check.
 	FreeInIDOrder bool
 	of, backing   []int32
+
+	// BuildFree's index of all, kept while allVersion stays the same.
+	allVersion uint64
+	allOf      []int32     // bucket of each node of all
+	allKeys    []bucketKey // by bucket
+	allIdx     [][]int32   // by bucket: indices into all
+	nFree      []int32     // scratch: free nodes per bucket
+}
+
+// BuildFree is Build for a caller that keeps every node in one slice: free
+// holds the indices in all of the placeable nodes. allVersion names the
+// contents of all: while it stays the same, how all divides into buckets
+// is kept from the last build, so a cycle costs a pass over free, not the
+// hashing of every node. Change it whenever all changes. The snapshot it
+// returned before must no longer be in use.
+func (sb *SnapshotBuilder) BuildFree(all []Node, allVersion uint64, free []int32) *Snapshot {
+	if sb.allIdx == nil || allVersion != sb.allVersion || len(all) != len(sb.allOf) {
+		sb.indexAll(all)
+		sb.allVersion = allVersion
+	}
+	nb := len(sb.allKeys)
+	sb.nFree = slices.Grow(sb.nFree[:0], nb)[:nb]
+	clear(sb.nFree)
+	for _, i := range free {
+		sb.nFree[sb.allOf[i]]++
+	}
+	sb.backing = slices.Grow(sb.backing[:0], len(free))[:len(free)]
+	backing := sb.backing
+	s := &Snapshot{buckets: make([]bucket, nb)}
+	for b, k := range sb.allKeys {
+		s.buckets[b] = bucket{key: k, free: all, all: all, allIdx: sb.allIdx[b], freeIdx: backing[:0:sb.nFree[b]]}
+		backing = backing[sb.nFree[b]:]
+	}
+	for _, i := range free {
+		bk := &s.buckets[sb.allOf[i]]
+		bk.freeIdx = append(bk.freeIdx, i)
+	}
+	if !sb.FreeInIDOrder {
+		for b := range s.buckets {
+			byID := func(x, y int32) int { return strings.Compare(all[x].ID, all[y].ID) }
+			slices.SortFunc(s.buckets[b].freeIdx, byID)
+		}
+	}
+	sort.Slice(s.buckets, func(i, j int) bool { return s.buckets[i].key.less(s.buckets[j].key) })
+	return s
+}
+
+// indexAll divides all into buckets for BuildFree. The index lists are
+// allocated anew: snapshots built before may still refer to the old ones.
+func (sb *SnapshotBuilder) indexAll(all []Node) {
+	idx := map[bucketKey]int32{}
+	sb.allKeys = nil
+	sb.allOf = slices.Grow(sb.allOf[:0], len(all))[:len(all)]
+	var counts []int
+	for i := range all {
+		n := &all[i]
+		k := bucketKey{n.GPUModel, n.GPUCount, n.GPUMemoryBytes}
+		b, ok := idx[k]
+		if !ok {
+			b = int32(len(sb.allKeys))
+			idx[k] = b
+			sb.allKeys = append(sb.allKeys, k)
+			counts = append(counts, 0)
+		}
+		sb.allOf[i] = b
+		counts[b]++
+	}
+	sb.allIdx = make([][]int32, len(sb.allKeys))
+	for b, c := range counts {
+		sb.allIdx[b] = make([]int32, 0, c)
+	}
+	for i, b := range sb.allOf {
+		sb.allIdx[b] = append(sb.allIdx[b], int32(i))
+	}
 }
 
 // Build indexes free and all like NewSnapshot. The snapshot it returned
