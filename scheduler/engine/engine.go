@@ -137,7 +137,12 @@ type Engine struct {
 	mu    sync.RWMutex // guards everything below; the loop holds it while applying+committing
 	jobs  map[string]*model.Job
 	order []*model.Job // every job by Seq, for listing in ID order
-	nodes map[string]*nodeEntry
+	// archived holds the encoded record of each archived (ended) job, by
+	// Seq; jobs and order hold its husk (see archive.go). ended lists the
+	// jobs that ended this turn, archived once the turn commits.
+	archived map[uint64][]byte
+	ended    []*model.Job
+	nodes    map[string]*nodeEntry
 	// nodeCount is len(nodes), readable without the lock (heartbeats).
 	nodeCount atomic.Int64
 	// offline holds the nodes without an agent stream that are not yet
@@ -187,19 +192,20 @@ type outMsg struct {
 func New(cfg Config) *Engine {
 	cfg.setDefaults()
 	return &Engine{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		events:  make(chan event, 8192),
-		stopped: make(chan struct{}),
-		loaded:  make(chan struct{}),
-		pacer:   newCyclePacer(),
-		jobs:    map[string]*model.Job{},
-		nodes:   map[string]*nodeEntry{},
-		offline: map[*nodeEntry]struct{}{},
-		leases:  map[string]*leaseEntry{},
-		tenants: map[string]model.Tenant{},
-		idem:    map[string]*model.Idempotency{},
-		queues:  map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
+		cfg:      cfg,
+		log:      cfg.Logger,
+		events:   make(chan event, 8192),
+		stopped:  make(chan struct{}),
+		loaded:   make(chan struct{}),
+		pacer:    newCyclePacer(),
+		jobs:     map[string]*model.Job{},
+		archived: map[uint64][]byte{},
+		nodes:    map[string]*nodeEntry{},
+		offline:  map[*nodeEntry]struct{}{},
+		leases:   map[string]*leaseEntry{},
+		tenants:  map[string]model.Tenant{},
+		idem:     map[string]*model.Idempotency{},
+		queues:   map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
 	}
 }
 
@@ -293,6 +299,9 @@ drain:
 		e.pacer.arm(now)
 	}
 	err := e.commit(ctx)
+	if err == nil {
+		e.archiveEnded()
+	}
 	e.mu.Unlock()
 	if err != nil {
 		return err

@@ -42,3 +42,15 @@ func (e *Engine) HoldLoop(t testing.TB) (release func()) {
 	}
 	return release
 }
+
+// Archived reports whether job id is held archived (encoded, as a husk).
+func (e *Engine) Archived(id string) bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	j := e.jobs[id]
+	if j == nil {
+		return false
+	}
+	_, ok := e.archived[j.Seq]
+	return ok
+}

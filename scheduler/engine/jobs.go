@@ -120,7 +120,8 @@ func (e *Engine) submit(it SubmitItem) SubmitResult {
 	if key != "" {
 		if r, ok := e.idem[idemID(spec.Tenant, key)]; ok {
 			if j := e.jobs[r.JobID]; j != nil {
-				return SubmitResult{Job: j.Clone()}
+				v, err := e.jobView(j)
+				return SubmitResult{Job: v, Err: err}
 			}
 		}
 	}
@@ -345,6 +346,7 @@ func (e *Engine) startOn(le *leaseEntry, node string) {
 func (e *Engine) endJob(j *model.Job, state model.JobState, reason string) {
 	j.EndTime = e.cfg.Now()
 	j.SetState(state, reason, j.EndTime)
+	e.ended = append(e.ended, j)
 	e.persist(store.Change{Job: j, Lease: e.endLease(j, state.String()+": "+reason)})
 	e.needCycle = true
 	e.log.Info("job ended", zap.String("job_id", j.ID), zap.String("state", state.String()), zap.String("reason", reason))

@@ -25,7 +25,7 @@ func (e *Engine) GetJob(id string) (*model.Job, error) {
 	if !ok {
 		return nil, model.Errorf(model.ErrNotFound, "job %s not found", id)
 	}
-	return j.Clone(), nil
+	return e.jobView(j)
 }
 
 // JobFilter selects jobs for ListJobs.
@@ -83,7 +83,11 @@ func (e *Engine) ListJobs(f JobFilter) (JobPage, error) {
 	i := sort.Search(len(candidates), func(i int) bool { return candidates[i].Seq > after })
 	for ; i < len(candidates) && len(page.Jobs) < size; i++ {
 		if j := candidates[i]; match(j) {
-			page.Jobs = append(page.Jobs, j.Clone())
+			v, err := e.jobView(j)
+			if err != nil {
+				return JobPage{}, err
+			}
+			page.Jobs = append(page.Jobs, v)
 		}
 	}
 	// Hand out a token only if another matching job exists, so a client

@@ -185,6 +185,12 @@ func (e *Engine) load(ctx context.Context) error {
 			e.queue.push(j)
 		}
 	}
+	// Ended jobs stay encoded, as they were read (archive.go).
+	for _, j := range st.Jobs {
+		if record, ok := st.EndedRecords[j.Seq]; ok && e.jobs[j.ID] == j {
+			e.archive(j, record)
+		}
+	}
 	for _, l := range st.Leases {
 		le := newLeaseEntry(l)
 		e.leases[l.ID] = le

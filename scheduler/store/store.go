@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -118,19 +119,23 @@ func padLeaseID(id string) string {
 
 // State is everything Load read, at one etcd revision.
 type State struct {
-	Jobs     []*model.Job
-	Nodes    []*model.Node
-	Leases   []*model.Lease
-	Tenants  []model.Tenant
-	Queues   []model.Queue
-	Idem     []model.Idempotency
-	JobSeq   uint64
-	Revision int64
+	Jobs []*model.Job
+	// EndedRecords holds, by Seq, the record of each job in Jobs that has
+	// ended, as etcd stores it: the leader keeps ended jobs encoded and
+	// need not encode them again.
+	EndedRecords map[uint64][]byte
+	Nodes        []*model.Node
+	Leases       []*model.Lease
+	Tenants      []model.Tenant
+	Queues       []model.Queue
+	Idem         []model.Idempotency
+	JobSeq       uint64
+	Revision     int64
 }
 
 // Load reads the whole durable state at a single revision.
 func (s *Store) Load(ctx context.Context) (*State, error) {
-	st := &State{}
+	st := &State{EndedRecords: map[uint64][]byte{}}
 	resp, err := s.cli.Get(ctx, s.seqKey())
 	if err != nil {
 		return nil, fmt.Errorf("store: load job seq: %w", err)
@@ -147,6 +152,9 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 			return err
 		}
 		st.Jobs = append(st.Jobs, j)
+		if j.State.Terminal() {
+			st.EndedRecords[j.Seq] = bytes.Clone(v)
+		}
 		return nil
 	})
 	if err != nil {

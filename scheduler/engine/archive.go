@@ -1,0 +1,76 @@
+package engine
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/wire"
+)
+
+// The leader keeps every job it knows, and most of them have ended. A job
+// in memory is a graph of small objects (spec maps, command, transitions,
+// exits, events), and the garbage collector marks all of it on every cycle:
+// at 10,000 nodes that mark phase was what stalled the loop. So once a
+// job's end is committed, the job is archived: its record stays encoded
+// (one pointer-free byte slice, as etcd holds it) and what the leader's own
+// code reads of an ended job stays in a husk in jobs and order. Reads
+// decode the record (jobView).
+
+// husk is what stays of an archived job: what selectors, counts, cancel
+// and logs read of an ended job.
+func husk(j *model.Job) *model.Job {
+	return &model.Job{
+		ID: j.ID, Seq: j.Seq, State: j.State, LeaseID: j.LeaseID,
+		Spec: model.JobSpec{Tenant: j.Spec.Tenant, Queue: j.Spec.Queue, JobSet: j.Spec.JobSet, Labels: j.Spec.Labels},
+	}
+}
+
+// archive replaces the ended job j by its husk, keeping record, its
+// encoded form.
+func (e *Engine) archive(j *model.Job, record []byte) {
+	h := husk(j)
+	e.archived[j.Seq] = record
+	e.jobs[j.ID] = h
+	if i, ok := slices.BinarySearchFunc(e.order, j.Seq, func(o *model.Job, seq uint64) int { return cmp.Compare(o.Seq, seq) }); ok {
+		e.order[i] = h
+	}
+}
+
+// archiveEnded archives the jobs that ended in the turn just committed.
+// A job that cannot be encoded stays whole; nothing is lost either way.
+func (e *Engine) archiveEnded() {
+	for i, j := range e.ended {
+		e.ended[i] = nil
+		if e.jobs[j.ID] != j || !j.State.Terminal() {
+			continue
+		}
+		record, err := proto.Marshal(wire.JobToProto(j))
+		if err != nil {
+			e.log.Warn("ended job kept whole", zap.String("job_id", j.ID), zap.Error(err))
+			continue
+		}
+		e.archive(j, record)
+	}
+	e.ended = e.ended[:0]
+}
+
+// jobView returns a copy of j with every field, decoding an archived job.
+func (e *Engine) jobView(j *model.Job) (*model.Job, error) {
+	record, ok := e.archived[j.Seq]
+	if !ok {
+		return j.Clone(), nil
+	}
+	var p pb.Job
+	if err := proto.Unmarshal(record, &p); err != nil {
+		return nil, fmt.Errorf("engine: decode archived job %s: %w", j.ID, err)
+	}
+	full := wire.JobFromProto(&p)
+	full.Seq = j.Seq
+	return full, nil
+}

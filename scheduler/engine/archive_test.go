@@ -1,0 +1,99 @@
+package engine_test
+
+import (
+	"errors"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/gpusched/gpusched/scheduler/engine"
+	"github.com/gpusched/gpusched/scheduler/internal/schedtest"
+	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/wire"
+)
+
+// An ended job is kept encoded once its end is committed; every read
+// (get, list with any selector, an idempotent retry, a new term's load)
+// still returns the whole job, exactly as it was when it ended.
+func TestEndedJobsAreArchivedAndReadWhole(t *testing.T) {
+	etcd := schedtest.StartEtcd(t)
+	cfg := engine.Config{}
+	tm := startTerm(t, etcd.Client, cfg)
+	ctx := schedtest.Context(t)
+
+	sp := spec(2)
+	sp.JobSet, sp.Labels = "sweep-b", map[string]string{"team": "vision"}
+	sp.Env = map[string]string{"LR": "0.1"}
+	sp.Tenant = "acme"
+	submitted, err := tm.eng.SubmitIdempotent(ctx, sp, "order-9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended, err := tm.eng.Cancel(ctx, submitted.ID, "not needed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pending, err := tm.eng.Submit(ctx, spec(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := func(what string, got *model.Job) {
+		t.Helper()
+		if !proto.Equal(wire.JobToProto(got), wire.JobToProto(ended)) {
+			t.Errorf("%s:\n%v\nwant the job as it ended:\n%v", what, wire.JobToProto(got), wire.JobToProto(ended))
+		}
+	}
+	if !tm.eng.Archived(ended.ID) {
+		t.Fatalf("job %s ended and committed but is not archived", ended.ID)
+	}
+	if tm.eng.Archived(pending.ID) {
+		t.Fatalf("pending job %s is archived", pending.ID)
+	}
+	got, err := tm.eng.GetJob(ended.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same("GetJob", got)
+	for _, sel := range []model.JobSelector{
+		{JobSet: "sweep-b"},
+		{Labels: map[string]string{"team": "vision"}},
+		{Tenants: []string{"acme"}, States: []model.JobState{model.JobCancelled}},
+		{IDs: []string{ended.ID}},
+	} {
+		page, err := tm.eng.ListJobs(engine.JobFilter{Selector: sel})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page.Jobs) != 1 {
+			t.Fatalf("ListJobs(%+v) = %d jobs; want the archived one", sel, len(page.Jobs))
+		}
+		same("ListJobs", page.Jobs[0])
+	}
+	retry, err := tm.eng.SubmitIdempotent(ctx, sp, "order-9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	same("an idempotent retry", retry)
+	if _, err := tm.eng.Cancel(ctx, ended.ID, ""); !errors.Is(err, model.ErrJobEnded) {
+		t.Errorf("cancelling the archived job = %v; want ErrJobEnded", err)
+	}
+
+	// A new term reads ended jobs from etcd straight into the archive.
+	tm.stop(t)
+	if err := tm.el.Resign(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tm = startTerm(t, etcd.Client, cfg)
+	if !tm.eng.Archived(ended.ID) || tm.eng.Archived(pending.ID) {
+		t.Fatalf("after a new term: job %s archived %v, job %s archived %v; want only the ended one",
+			ended.ID, tm.eng.Archived(ended.ID), pending.ID, tm.eng.Archived(pending.ID))
+	}
+	got, err = tm.eng.GetJob(ended.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same("GetJob in a new term", got)
+	if st := tm.eng.Stats(); st.Jobs[model.JobCancelled] != 1 || st.Jobs[model.JobPending] != 1 {
+		t.Errorf("Stats().Jobs = %v; want 1 cancelled (archived) and 1 pending", st.Jobs)
+	}
+}
