@@ -95,6 +95,20 @@ func TestDevClusterTour(t *testing.T) {
 		waitNodesReady(t, ep, 4) // CLEANING -> READY after the lease
 	})
 
+	t.Run("a queue created paused holds its jobs until it is resumed", func(t *testing.T) {
+		mustCLI(t, ep, "queues", "create", "staged", "--paused", "--priority", "5")
+		id := submit(t, ep, "--queue", "staged", "--", "true")
+		eventually(t, "the job to wait in its paused queue", func() (bool, string) {
+			j := getJob(t, ep, id)
+			return j.GetState() == pb.JobState_JOB_STATE_PENDING && j.GetReason() == "queue staged paused", j.String()
+		})
+		mustCLI(t, ep, "queues", "resume", "staged")
+		if r := cli(t, ep, "wait", id); r.code != 0 {
+			t.Fatalf("wait after resume: exit %d, stderr %s", r.code, r.stderr)
+		}
+		waitNodesReady(t, ep, 4)
+	})
+
 	t.Run("a failing rank fails the job with its node and exit code", func(t *testing.T) {
 		failID = submit(t, ep, "--", "sh", "-c", "exit 3")
 		if r := cli(t, ep, "wait", failID); r.code != 3 {

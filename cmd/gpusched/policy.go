@@ -116,11 +116,12 @@ func newQueuesCmd() *cobra.Command {
 	var (
 		priority int32
 		weight   float64
+		paused   bool
 		output   string
 	)
 	save := func(create bool) func(cmd *cobra.Command, args []string) error {
 		return func(cmd *cobra.Command, args []string) error {
-			q := &pb.Queue{Name: args[0], Priority: priority, Weight: weight}
+			q := &pb.Queue{Name: args[0], Priority: priority, Weight: weight, Paused: create && paused}
 			c, err := dial(cmd)
 			if err != nil {
 				return err
@@ -141,9 +142,11 @@ func newQueuesCmd() *cobra.Command {
 			return nil
 		}
 	}
-	create := &cobra.Command{Use: "create NAME [--priority P] [--weight W]", Short: "Create a queue",
+	create := &cobra.Command{Use: "create NAME [--priority P] [--weight W] [--paused]", Short: "Create a queue",
 		Example: `  gpusched queues create batch --priority -10
-  gpusched queues create urgent --priority 100`, Args: exactArgs(1, "one queue name"), RunE: save(true)}
+  gpusched queues create urgent --priority 100
+  gpusched queues create nightly --paused    # fill it, then: gpusched queues resume nightly`, Args: exactArgs(1, "one queue name"), RunE: save(true)}
+	create.Flags().BoolVar(&paused, "paused", false, "create it paused: its jobs wait until it is resumed")
 	update := &cobra.Command{Use: "update NAME [--priority P] [--weight W]", Short: "Change a queue's priority and weight",
 		Example: `  gpusched queues update batch --priority 0`, Args: exactArgs(1, "one queue name"), RunE: save(false)}
 	for _, c := range []*cobra.Command{create, update} {
