@@ -68,9 +68,9 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 		cancel: cancel, ctx: ctx, logReqs: map[uint64]chan *pb.LogChunk{},
 		injectReqs: map[uint64]chan *pb.MockInjectResult{},
 	}
-	// The interval is fixed for the stream's life; agents that join a
-	// growing cluster later get longer ones, and all get the current one
-	// when they reconnect (after a failover, say).
+	// The stream starts at the interval the cluster's size calls for now;
+	// as the cluster grows, the sender stretches it and tells the agent in
+	// a heartbeat, and the watchdog follows.
 	var interval atomic.Int64 // the stream's heartbeat interval, ns
 	interval.Store(int64(e.heartbeatInterval()))
 	if err := e.post(ctx, &helloEvent{conn: c, hello: hello, interval: time.Duration(interval.Load())}); err != nil {
