@@ -60,17 +60,14 @@ type bucket struct {
 
 func (b *bucket) freeNode(i int) *Node { return &b.free[b.freeIdx[i]] }
 
-// NewSnapshot indexes placeable nodes (free) and all known nodes (all).
-func NewSnapshot(free, all []Node) *Snapshot { return new(SnapshotBuilder).Build(free, all) }
-
 // SnapshotBuilder builds snapshots cycle after cycle, reusing the index
 // memory of the previous one: a cycle over 10,000 nodes otherwise makes
 // most of the scheduler's garbage. The zero value is ready to use.
 type SnapshotBuilder struct {
 	// FreeInIDOrder promises that free lists nodes in ID order, as the
-	// engine keeps them, so Build does not check.
+	// engine keeps them, so BuildFree does not sort.
 	FreeInIDOrder bool
-	of, backing   []int32
+	backing       []int32 // the free index lists of the last snapshot
 
 	// BuildFree's index of all, kept while allVersion stays the same.
 	allVersion uint64
@@ -80,12 +77,12 @@ type SnapshotBuilder struct {
 	nFree      []int32     // scratch: free nodes per bucket
 }
 
-// BuildFree is Build for a caller that keeps every node in one slice: free
-// holds the indices in all of the placeable nodes. allVersion names the
-// contents of all: while it stays the same, how all divides into buckets
-// is kept from the last build, so a cycle costs a pass over free, not the
-// hashing of every node. Change it whenever all changes. The snapshot it
-// returned before must no longer be in use.
+// BuildFree is NewSnapshot for a caller that keeps every node in one
+// slice: free holds the indices in all of the placeable nodes. allVersion
+// names the contents of all: while it stays the same, how all divides into
+// buckets is kept from the last build, so a cycle costs a pass over free,
+// not the hashing of every node. Change it whenever all changes. The
+// snapshot it returned before must no longer be in use.
 func (sb *SnapshotBuilder) BuildFree(all []Node, allVersion uint64, free []int32) *Snapshot {
 	if sb.allIdx == nil || allVersion != sb.allVersion || len(all) != len(sb.allOf) {
 		sb.indexAll(all)
@@ -147,9 +144,8 @@ func (sb *SnapshotBuilder) indexAll(all []Node) {
 	}
 }
 
-// Build indexes free and all like NewSnapshot. The snapshot it returned
-// before must no longer be in use: its index memory is reused.
-func (sb *SnapshotBuilder) Build(free, all []Node) *Snapshot {
+// NewSnapshot indexes placeable nodes (free) and all known nodes (all).
+func NewSnapshot(free, all []Node) *Snapshot {
 	idx := map[bucketKey]int32{}
 	var keys []bucketKey
 	var nFree, nAll []int32 // nodes per bucket
@@ -171,8 +167,7 @@ func (sb *SnapshotBuilder) Build(free, all []Node) *Snapshot {
 		return b
 	}
 	// Counting sort by bucket into one backing array per list.
-	sb.of = slices.Grow(sb.of[:0], len(all)+len(free))[:len(all)+len(free)]
-	of := sb.of
+	of := make([]int32, len(all)+len(free))
 	allOf, freeOf := of[:len(all)], of[len(all):]
 	for i := range all {
 		allOf[i] = bucketOf(&all[i])
@@ -183,8 +178,7 @@ func (sb *SnapshotBuilder) Build(free, all []Node) *Snapshot {
 		nFree[freeOf[i]]++
 	}
 	s := &Snapshot{buckets: make([]bucket, len(keys))}
-	sb.backing = slices.Grow(sb.backing[:0], len(all)+len(free))[:len(all)+len(free)]
-	backing := sb.backing
+	backing := make([]int32, len(all)+len(free))
 	for b, k := range keys {
 		s.buckets[b] = bucket{key: k, free: free, all: all,
 			allIdx: backing[:0:nAll[b]], freeIdx: backing[nAll[b] : nAll[b] : nAll[b]+nFree[b]]}
@@ -200,7 +194,7 @@ func (sb *SnapshotBuilder) Build(free, all []Node) *Snapshot {
 		bk := &s.buckets[b]
 		// Callers that list nodes in ID order (the engine does) skip the sort.
 		byID := func(a, b int32) int { return strings.Compare(free[a].ID, free[b].ID) }
-		if !sb.FreeInIDOrder && !slices.IsSortedFunc(bk.freeIdx, byID) {
+		if !slices.IsSortedFunc(bk.freeIdx, byID) {
 			slices.SortFunc(bk.freeIdx, byID)
 		}
 		if len(bk.allIdx) < len(bk.freeIdx) {
