@@ -204,3 +204,33 @@ func TestALeaseSummaryKeepsWhatItCanAcrossAFailover(t *testing.T) {
 		t.Errorf("the job's summary %v is not its lease's %v", done.GetLastLeaseSummary(), stored.GetSummary())
 	}
 }
+
+// An event a node reports on a lease after its job ended (and was archived,
+// kept encoded) joins the job's events, and etcd keeps the whole job.
+func TestAnEventAfterTheJobEndedJoinsItsArchivedJob(t *testing.T) {
+	c := cluster(t, 1, schedtest.AgentConfig{}, engine.Config{})
+	spec := schedtest.Spec(1)
+	spec.Env = map[string]string{"LR": "0.1"}
+	j := schedtest.Submit(t, c.Replica.Jobs, spec)
+	running := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_RUNNING)
+	lease, a := running.GetLeaseId(), c.Agents[0]
+	a.Exit(lease, 0, "")
+	done := schedtest.WaitJobState(t, c.Replica.Jobs, j.GetId(), pb.JobState_JOB_STATE_SUCCEEDED)
+	if len(done.GetEvents()) != 0 {
+		t.Fatalf("events before = %v", done.GetEvents())
+	}
+	sendEvent(t, a, lease, pb.NodeEventKind_NODE_EVENT_KIND_XID)
+	got := schedtest.WaitJob(t, c.Replica.Jobs, j.GetId(), "to carry the late event", func(j *pb.Job) bool { return len(j.GetEvents()) == 1 })
+	if got.GetSpec().GetEnv()["LR"] != "0.1" || got.GetState() != pb.JobState_JOB_STATE_SUCCEEDED || len(got.GetTransitions()) != len(done.GetTransitions()) {
+		t.Errorf("the job after the late event = %v; want it whole, as it ended, plus the event", got)
+	}
+	st, err := store.New(c.Etcd.Client, "/gpusched").Load(schedtest.Context(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sj := range st.Jobs {
+		if sj.ID == j.GetId() && (sj.Spec.Env["LR"] != "0.1" || len(sj.Events) != 1 || len(sj.Spec.Command) == 0) {
+			t.Errorf("etcd holds %+v; want the whole job with its one event", sj)
+		}
+	}
+}

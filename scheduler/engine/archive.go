@@ -36,9 +36,14 @@ func husk(j *model.Job) *model.Job {
 func (e *Engine) archive(j *model.Job, record []byte) {
 	h := husk(j)
 	e.archived[j.Seq] = record
-	e.jobs[j.ID] = h
+	e.replaceJob(h)
+}
+
+// replaceJob puts j in place of the job with its ID and Seq.
+func (e *Engine) replaceJob(j *model.Job) {
+	e.jobs[j.ID] = j
 	if i, ok := slices.BinarySearchFunc(e.order, j.Seq, func(o *model.Job, seq uint64) int { return cmp.Compare(o.Seq, seq) }); ok {
-		e.order[i] = h
+		e.order[i] = j
 	}
 }
 
@@ -58,6 +63,24 @@ func (e *Engine) archiveEnded() {
 		e.archive(j, record)
 	}
 	e.ended = e.ended[:0]
+}
+
+// unarchive brings an archived job back whole, for a change to an ended
+// job (an event a node reports on its last lease after it ended). It is
+// archived again once the turn commits. A husk must never be persisted:
+// every change to a job goes through here or finds it whole.
+func (e *Engine) unarchive(j *model.Job) (*model.Job, error) {
+	if _, ok := e.archived[j.Seq]; !ok {
+		return j, nil
+	}
+	full, err := e.jobView(j)
+	if err != nil {
+		return nil, err
+	}
+	delete(e.archived, j.Seq)
+	e.replaceJob(full)
+	e.ended = append(e.ended, full)
+	return full, nil
 }
 
 // jobView returns a copy of j with every field, decoding an archived job.

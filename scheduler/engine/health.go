@@ -27,8 +27,13 @@ func (e *Engine) nodeEvent(n *nodeEntry, ev model.NodeEvent) {
 	change := store.Change{Node: n.node}
 	if le := e.leases[ev.LeaseID]; le != nil {
 		if j := e.jobs[le.lease.JobID]; j != nil {
-			j.Events = model.AppendEvent(j.Events, ev, model.MaxJobEvents)
-			change.Job = j
+			// The lease may have ended and its job been archived.
+			if full, err := e.unarchive(j); err != nil {
+				e.log.Warn("node event not added to its ended job", zap.String("job_id", j.ID), zap.Error(err))
+			} else {
+				full.Events = model.AppendEvent(full.Events, ev, model.MaxJobEvents)
+				change.Job = full
+			}
 		}
 	}
 	e.persist(change)
