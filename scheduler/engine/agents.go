@@ -490,6 +490,7 @@ func (ev *agentEvent) apply(e *Engine) {
 						ln.Cleanup = r.GetMessage()
 					}
 					e.persist(store.Change{Lease: le.lease})
+					e.endedLeases = append(e.endedLeases, le)
 				}
 			}
 		}

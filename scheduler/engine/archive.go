@@ -97,3 +97,62 @@ func (e *Engine) jobView(j *model.Job) (*model.Job, error) {
 	full.Seq = j.Seq
 	return full, nil
 }
+
+// Leases are archived the same way, once ended and clean on every node:
+// until then a node's LeaseReleased still writes its cleanup into the
+// lease. The husk keeps what the loop reads of an ended lease (ID, job,
+// tenant, not active); a lease whose node never reports back stays whole.
+
+// leaseClean reports whether l has ended and every node reported cleanup.
+func leaseClean(l *model.Lease) bool {
+	if l.Active {
+		return false
+	}
+	for _, ln := range l.Nodes {
+		if ln.Cleanup == "" {
+			return false
+		}
+	}
+	return true
+}
+
+// archiveLease replaces le's lease by its husk, keeping record.
+func (e *Engine) archiveLease(le *leaseEntry, record []byte) {
+	l := le.lease
+	if le.record != nil || !leaseClean(l) {
+		return
+	}
+	le.record = record
+	le.lease = &model.Lease{ID: l.ID, JobID: l.JobID, Tenant: l.Tenant}
+}
+
+// archiveEndedLeases archives the leases that ended or got a node's
+// cleanup in the turn just committed, once clean on every node.
+func (e *Engine) archiveEndedLeases() {
+	for i, le := range e.endedLeases {
+		e.endedLeases[i] = nil
+		if le.record != nil || !leaseClean(le.lease) {
+			continue
+		}
+		record, err := proto.Marshal(wire.LeaseToProto(le.lease))
+		if err != nil {
+			e.log.Warn("ended lease kept whole", zap.String("lease_id", le.lease.ID), zap.Error(err))
+			continue
+		}
+		e.archiveLease(le, record)
+	}
+	e.endedLeases = e.endedLeases[:0]
+}
+
+// leaseView returns a copy of le's lease with every field, decoding an
+// archived one.
+func (e *Engine) leaseView(le *leaseEntry) (*model.Lease, error) {
+	if le.record == nil {
+		return le.lease.Clone(), nil
+	}
+	var p pb.Lease
+	if err := proto.Unmarshal(le.record, &p); err != nil {
+		return nil, fmt.Errorf("engine: decode archived lease %s: %w", le.lease.ID, err)
+	}
+	return wire.LeaseFromProto(&p), nil
+}

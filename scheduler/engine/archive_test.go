@@ -2,13 +2,17 @@ package engine_test
 
 import (
 	"errors"
+	"fmt"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
+	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/engine"
 	"github.com/gpusched/gpusched/scheduler/internal/schedtest"
 	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/store"
 	"github.com/gpusched/gpusched/scheduler/wire"
 )
 
@@ -95,5 +99,83 @@ func TestEndedJobsAreArchivedAndReadWhole(t *testing.T) {
 	same("GetJob in a new term", got)
 	if st := tm.eng.Stats(); st.Jobs[model.JobCancelled] != 1 || st.Jobs[model.JobPending] != 1 {
 		t.Errorf("Stats().Jobs = %v; want 1 cancelled (archived) and 1 pending", st.Jobs)
+	}
+}
+
+// An ended lease is archived once every node reported it clean; reads
+// (logs use them) get the whole lease, as etcd holds it, and a new term
+// archives it from the record it loads.
+func TestCleanEndedLeasesAreArchived(t *testing.T) {
+	etcd := schedtest.StartEtcd(t)
+	cfg := engine.Config{}
+	tm := startTerm(t, etcd.Client, cfg)
+	ctx := schedtest.Context(t)
+	st := newMemStream()
+	defer st.cancel()
+	served := make(chan error, 1)
+	go func() { served <- tm.eng.ServeAgent(st) }()
+	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
+		NodeId: "n1", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
+	}}}
+	waitWelcome(t, st, served)
+	j, err := tm.eng.Submit(ctx, spec(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	await := func(what string, pred func(*pb.ConnectResponse) bool) {
+		t.Helper()
+		for {
+			select {
+			case m := <-st.out:
+				if pred(m) {
+					return
+				}
+			case err := <-served:
+				t.Fatalf("stream ended waiting for %s: %v", what, err)
+			case <-time.After(schedtest.WaitTimeout):
+				t.Fatalf("no %s", what)
+			}
+		}
+	}
+	lease := model.LeaseID(j.ID, 1)
+	await("StartLease", func(m *pb.ConnectResponse) bool { return m.GetStartLease().GetLeaseId() == lease })
+	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_LeaseStarted{LeaseStarted: &pb.LeaseStarted{LeaseId: lease}}}
+	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_LeaseExited{LeaseExited: &pb.LeaseExited{LeaseId: lease}}}
+	await("ReleaseLease", func(m *pb.ConnectResponse) bool { return m.GetReleaseLease().GetLeaseId() == lease })
+	if archived, _, _ := tm.eng.LeaseArchived(lease); archived {
+		t.Fatalf("lease %s archived before its node reported it clean", lease)
+	}
+	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_LeaseReleased{LeaseReleased: &pb.LeaseReleased{LeaseId: lease, Clean: true}}}
+	var got *model.Lease
+	schedtest.Eventually(t, "the clean lease to be archived", func() (bool, string) {
+		archived, l, err := tm.eng.LeaseArchived(lease)
+		got = l
+		return archived && err == nil, fmt.Sprintf("archived %v, %v", archived, err)
+	})
+	stored := func() *pb.Lease {
+		st, err := store.New(etcd.Client, "/gpusched").Load(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range st.Leases {
+			if l.ID == lease {
+				return wire.LeaseToProto(l)
+			}
+		}
+		t.Fatalf("lease %s not in etcd", lease)
+		return nil
+	}()
+	if !proto.Equal(wire.LeaseToProto(got), stored) || len(got.Nodes) != 1 || got.Nodes[0].Cleanup != "clean" {
+		t.Errorf("the archived lease reads as\n%v\nwant it as etcd holds it:\n%v", wire.LeaseToProto(got), stored)
+	}
+
+	st.cancel()
+	tm.stop(t)
+	if err := tm.el.Resign(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tm = startTerm(t, etcd.Client, cfg)
+	if archived, l, err := tm.eng.LeaseArchived(lease); !archived || err != nil || !proto.Equal(wire.LeaseToProto(l), stored) {
+		t.Errorf("after a new term: archived %v, %v, lease %v; want it archived and whole", archived, err, l)
 	}
 }

@@ -142,7 +142,10 @@ type Engine struct {
 	// jobs that ended this turn, archived once the turn commits.
 	archived map[uint64][]byte
 	ended    []*model.Job
-	nodes    map[string]*nodeEntry
+	// endedLeases lists leases that ended or got a node's cleanup this
+	// turn: archived after the commit once every node is clean.
+	endedLeases []*leaseEntry
+	nodes       map[string]*nodeEntry
 	// nodeCount is len(nodes), readable without the lock (heartbeats).
 	nodeCount atomic.Int64
 	// offline holds the nodes without an agent stream that are not yet
@@ -301,6 +304,7 @@ drain:
 	err := e.commit(ctx)
 	if err == nil {
 		e.archiveEnded()
+		e.archiveEndedLeases()
 	}
 	e.mu.Unlock()
 	if err != nil {

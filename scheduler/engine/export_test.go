@@ -3,6 +3,8 @@ package engine
 import (
 	"context"
 	"testing"
+
+	"github.com/gpusched/gpusched/scheduler/model"
 )
 
 // holdEvent blocks the loop, while it applies it, until release closes.
@@ -53,4 +55,17 @@ func (e *Engine) Archived(id string) bool {
 	}
 	_, ok := e.archived[j.Seq]
 	return ok
+}
+
+// LeaseArchived reports whether lease id is held archived, and returns
+// the lease as reads see it.
+func (e *Engine) LeaseArchived(id string) (bool, *model.Lease, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	le := e.leases[id]
+	if le == nil {
+		return false, nil, nil
+	}
+	l, err := e.leaseView(le)
+	return le.record != nil, l, err
 }

@@ -363,6 +363,7 @@ func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
 	l := le.lease
 	l.Active, l.EndTime, l.EndReason = false, e.cfg.Now(), reason
 	le.started, le.exits = nil, nil // read as empty from now on, never written
+	e.endedLeases = append(e.endedLeases, le)
 	var usage model.TelemetryUsage
 	if e.cfg.LeaseUsage != nil {
 		usage = e.cfg.LeaseUsage(l.ID)

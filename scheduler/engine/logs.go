@@ -25,13 +25,17 @@ func (e *Engine) JobLogs(ctx context.Context, id string, follow bool, sink LogSi
 		e.mu.RLock()
 		j := e.jobs[id]
 		var lease *model.Lease
+		var err error
 		ended := j != nil && j.State.Terminal()
 		if j != nil && e.leases[j.LeaseID] != nil {
-			lease = e.leases[j.LeaseID].lease.Clone()
+			lease, err = e.leaseView(e.leases[j.LeaseID])
 		}
 		e.mu.RUnlock()
 		if j == nil {
 			return model.Errorf(model.ErrNotFound, "job %s not found", id)
+		}
+		if err != nil {
+			return err
 		}
 		if lease != nil {
 			if err := e.relayLogs(ctx, lease, offsets, sink); err != nil {

@@ -74,6 +74,9 @@ type leaseEntry struct {
 	lease   *model.Lease
 	started map[string]bool
 	exits   map[string]model.NodeExit
+	// record is the lease encoded once it is archived (ended, every node
+	// clean); lease is then a husk (see archive.go).
+	record []byte
 }
 
 func newLeaseEntry(l *model.Lease) *leaseEntry {
@@ -195,6 +198,9 @@ func (e *Engine) load(ctx context.Context) error {
 		le := newLeaseEntry(l)
 		e.leases[l.ID] = le
 		if !l.Active {
+			if record, ok := st.EndedLeaseRecords[l.ID]; ok {
+				e.archiveLease(le, record)
+			}
 			continue
 		}
 		for _, ln := range l.Nodes {

@@ -122,20 +122,22 @@ type State struct {
 	Jobs []*model.Job
 	// EndedRecords holds, by Seq, the record of each job in Jobs that has
 	// ended, as etcd stores it: the leader keeps ended jobs encoded and
-	// need not encode them again.
-	EndedRecords map[uint64][]byte
-	Nodes        []*model.Node
-	Leases       []*model.Lease
-	Tenants      []model.Tenant
-	Queues       []model.Queue
-	Idem         []model.Idempotency
-	JobSeq       uint64
-	Revision     int64
+	// need not encode them again. EndedLeaseRecords does the same for
+	// leases that are no longer active, by lease ID.
+	EndedRecords      map[uint64][]byte
+	EndedLeaseRecords map[string][]byte
+	Nodes             []*model.Node
+	Leases            []*model.Lease
+	Tenants           []model.Tenant
+	Queues            []model.Queue
+	Idem              []model.Idempotency
+	JobSeq            uint64
+	Revision          int64
 }
 
 // Load reads the whole durable state at a single revision.
 func (s *Store) Load(ctx context.Context) (*State, error) {
-	st := &State{EndedRecords: map[uint64][]byte{}}
+	st := &State{EndedRecords: map[uint64][]byte{}, EndedLeaseRecords: map[string][]byte{}}
 	resp, err := s.cli.Get(ctx, s.seqKey())
 	if err != nil {
 		return nil, fmt.Errorf("store: load job seq: %w", err)
@@ -176,7 +178,11 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 		if err := proto.Unmarshal(v, &p); err != nil {
 			return err
 		}
-		st.Leases = append(st.Leases, wire.LeaseFromProto(&p))
+		l := wire.LeaseFromProto(&p)
+		st.Leases = append(st.Leases, l)
+		if !l.Active {
+			st.EndedLeaseRecords[l.ID] = bytes.Clone(v)
+		}
 		return nil
 	})
 	if err != nil {
