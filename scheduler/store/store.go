@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -155,7 +154,9 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 		}
 		st.Jobs = append(st.Jobs, j)
 		if j.State.Terminal() {
-			st.EndedRecords[j.Seq] = bytes.Clone(v)
+			// v is the value's own copy (protobuf decoding of the
+			// response copies bytes fields), so keeping it pins nothing.
+			st.EndedRecords[j.Seq] = v
 		}
 		return nil
 	})
@@ -181,7 +182,7 @@ func (s *Store) Load(ctx context.Context) (*State, error) {
 		l := wire.LeaseFromProto(&p)
 		st.Leases = append(st.Leases, l)
 		if !l.Active {
-			st.EndedLeaseRecords[l.ID] = bytes.Clone(v)
+			st.EndedLeaseRecords[l.ID] = v
 		}
 		return nil
 	})
