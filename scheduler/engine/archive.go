@@ -16,7 +16,7 @@ import (
 // The leader keeps every job it knows, and most of them have ended. A job
 // in memory is a graph of small objects (spec maps, command, transitions,
 // exits, events), and the garbage collector marks all of it on every cycle:
-// at 10,000 nodes that mark phase was what stalled the loop. So once a
+// at 10,000 nodes that mark phase was one of the loop's stalls. So once a
 // job's end is committed, the job is archived: its record stays encoded
 // (one pointer-free byte slice, as etcd holds it) and what the leader's own
 // code reads of an ended job stays in a husk in jobs and order. Reads
