@@ -115,7 +115,10 @@ func (l *Lease) GPUHours(end time.Time) float64 {
 	if end.IsZero() {
 		end = l.EndTime
 	}
-	d := end.Sub(l.StartTime)
+	// Wall-clock times, as etcd stores them: a live leader's monotonic
+	// readings drift from the wall clock by microseconds while NTP slews
+	// it, and the figure must match one recomputed from the stored lease.
+	d := end.Round(0).Sub(l.StartTime.Round(0))
 	if d <= 0 {
 		return 0
 	}
