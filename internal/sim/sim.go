@@ -554,12 +554,8 @@ func (s *run) openPhase(ctx context.Context) error {
 	return nil
 }
 
-func (s *run) queue(ctx context.Context, pause bool) error {
-	return s.queueNamed(ctx, "default", pause)
-}
-
-// queueNamed pauses or resumes a queue.
-func (s *run) queueNamed(ctx context.Context, name string, pause bool) error {
+// queue pauses or resumes a queue.
+func (s *run) queue(ctx context.Context, name string, pause bool) error {
 	return s.cl.QueueService(ctx, func(ctx context.Context, q pb.QueueServiceClient) error {
 		var err error
 		if pause {
@@ -602,7 +598,7 @@ func (s *run) burst(ctx context.Context, load LoadResult) error {
 	}
 	sc0, self0 := s.cpu()
 	t0 := time.Now()
-	if err := s.queueNamed(ctx, burstQueue, false); err != nil {
+	if err := s.queue(ctx, burstQueue, false); err != nil {
 		return fmt.Errorf("sim: resume queue %s: %w", burstQueue, err)
 	}
 	s.progress("  burst: queue %s resumed: placing %d one-node jobs with %d queued behind them", burstQueue, load.Accepted, s.rep.Backlog.Load.Accepted)
@@ -637,7 +633,7 @@ func (s *run) backlogPhase(ctx context.Context) error {
 	cfg := s.cfg
 	s.progress("backlog phase: pausing queue default, queueing %d jobs (%d per SubmitBatch, %d calls in flight)",
 		cfg.BacklogJobs, cfg.BacklogBatch, cfg.BacklogConcurrency)
-	if err := s.queue(ctx, true); err != nil {
+	if err := s.queue(ctx, "default", true); err != nil {
 		return fmt.Errorf("sim: pause queue: %w", err)
 	}
 	if _, err := s.sched.Stats(true); err != nil {
@@ -704,7 +700,7 @@ func (s *run) backlogPhase(ctx context.Context) error {
 	}
 	sc0, self0 = s.cpu()
 	t0 := time.Now()
-	if err := s.queue(ctx, false); err != nil {
+	if err := s.queue(ctx, "default", false); err != nil {
 		return fmt.Errorf("sim: resume queue: %w", err)
 	}
 	s.progress("  queue resumed: draining %d jobs", res.Accepted)
