@@ -69,11 +69,10 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 		injectReqs: map[uint64]chan *pb.MockInjectResult{},
 	}
 	// The stream starts at the interval the cluster's size calls for now;
-	// as the cluster grows, the sender stretches it and tells the agent in
-	// a heartbeat, and the watchdog follows.
-	var interval atomic.Int64 // the stream's heartbeat interval, ns
-	interval.Store(int64(e.heartbeatInterval()))
-	if err := e.post(ctx, &helloEvent{conn: c, hello: hello, interval: time.Duration(interval.Load())}); err != nil {
+	// as the cluster grows, the handler stretches it and tells the agent
+	// in a heartbeat, and judges the agent's silence by it.
+	every := e.heartbeatInterval()
+	if err := e.post(ctx, &helloEvent{conn: c, hello: hello, interval: every}); err != nil {
 		return err
 	}
 	defer func() {
@@ -81,38 +80,6 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 		_ = e.post(context.Background(), &goneEvent{conn: c})
 		c.failLogRequests()
 	}()
-
-	sendErr := make(chan error, 1)
-	go func() {
-		every := time.Duration(interval.Load())
-		heartbeat := time.NewTicker(every)
-		defer heartbeat.Stop()
-		for {
-			var m *pb.ConnectResponse
-			select {
-			case <-ctx.Done():
-				sendErr <- ctx.Err()
-				return
-			case m = <-c.out:
-			case <-heartbeat.C:
-				hb := &pb.Heartbeat{}
-				if d := e.heartbeatInterval(); d != every {
-					// The cluster grew since the Welcome: tell the agent,
-					// and beat (and judge its silence) at the new pace.
-					every, hb.Interval = d, durationpb.New(d)
-					interval.Store(int64(d))
-					heartbeat.Reset(d)
-				}
-				m = &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: hb}}
-			}
-			if err := stream.Send(m); err != nil {
-				sendErr <- err
-				cancel()
-				return
-			}
-		}
-	}()
-	defer func() { cancel(); <-sendErr }()
 
 	// Recv cannot be interrupted, so it runs on its own goroutine and the
 	// handler returns as soon as ctx ends (term over, stream replaced by a
@@ -190,35 +157,44 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 			}
 		}
 	}()
-	// A host that vanished without closing its TCP connection sends
-	// nothing; missing heartbeats end the stream so the node can be LOST.
-	watched := time.Duration(interval.Load())
-	watchdog := time.NewTicker(watched)
-	defer watchdog.Stop()
+	// The handler itself sends: a stream costs two goroutines, this one
+	// and the receiver, which is what a leader of 10,000 agents has its GC
+	// scan (a third, for sending, was a third of all goroutine stacks).
+	// One ticker paces both the heartbeats to the agent and the watchdog:
+	// a host that vanished without closing its TCP connection sends
+	// nothing, and missing heartbeats end the stream so the node can be
+	// LOST.
+	tick := time.NewTicker(every)
+	defer tick.Stop()
 	for {
+		var m *pb.ConnectResponse
 		select {
 		case err := <-recvErr:
 			return err
-		case <-watchdog.C:
-			if d := time.Duration(interval.Load()); d != watched {
-				watched = d
-				watchdog.Reset(d)
-			}
-			// Judged by the stream's current interval: a stretch is only
-			// ever more lenient than what the agent may still be using.
-			silence := heartbeatsMissed * watched
-			if deaf.Load() {
-				continue
-			}
-			if quiet := time.Since(time.Unix(0, lastRecv.Load())); quiet > silence {
-				e.log.Warn("agent silent, closing its stream", zap.String("node", c.node), zap.Duration("silent_for", quiet))
-				return fmt.Errorf("node %s sent nothing for %s: %w", c.node, quiet.Round(time.Millisecond), model.ErrStopped)
-			}
 		case <-ctx.Done():
 			if stream.Context().Err() != nil {
 				return stream.Context().Err()
 			}
 			return fmt.Errorf("agent stream of node %s closed by the scheduler: %w", c.node, model.ErrStopped)
+		case m = <-c.out:
+		case <-tick.C:
+			hb := &pb.Heartbeat{}
+			if d := e.heartbeatInterval(); d != every {
+				// The cluster grew since the Welcome: tell the agent, and
+				// beat (and judge its silence) at the new pace. A stretch
+				// is only ever more lenient than what the agent may still
+				// be using.
+				every, hb.Interval = d, durationpb.New(d)
+				tick.Reset(d)
+			}
+			if quiet := time.Since(time.Unix(0, lastRecv.Load())); !deaf.Load() && quiet > heartbeatsMissed*every {
+				e.log.Warn("agent silent, closing its stream", zap.String("node", c.node), zap.Duration("silent_for", quiet))
+				return fmt.Errorf("node %s sent nothing for %s: %w", c.node, quiet.Round(time.Millisecond), model.ErrStopped)
+			}
+			m = &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: hb}}
+		}
+		if err := stream.Send(m); err != nil {
+			return err
 		}
 	}
 }

@@ -12,6 +12,7 @@ import (
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
 	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/placement"
 	"github.com/gpusched/gpusched/scheduler/store"
 )
 
@@ -151,7 +152,10 @@ type Engine struct {
 	// offline holds the nodes without an agent stream that are not yet
 	// LOST, so the lost-node check visits only them, not every node.
 	offline map[*nodeEntry]struct{}
-	leases  map[string]*leaseEntry
+	// usage is what each tenant holds in active leases, kept up to date
+	// by hold and unhold so a cycle need not count every node (usage.go).
+	usage  map[string]placement.Usage
+	leases map[string]*leaseEntry
 	// tenants and queues are the policy settings; queues always holds
 	// model.DefaultQueue.
 	tenants map[string]model.Tenant
@@ -205,6 +209,7 @@ func New(cfg Config) *Engine {
 		archived: map[uint64][]byte{},
 		nodes:    map[string]*nodeEntry{},
 		offline:  map[*nodeEntry]struct{}{},
+		usage:    map[string]placement.Usage{},
 		leases:   map[string]*leaseEntry{},
 		tenants:  map[string]model.Tenant{},
 		idem:     map[string]*model.Idempotency{},

@@ -2,9 +2,11 @@ package engine
 
 import (
 	"context"
+	"maps"
 	"testing"
 
 	"github.com/gpusched/gpusched/scheduler/model"
+	"github.com/gpusched/gpusched/scheduler/placement"
 )
 
 // holdEvent blocks the loop, while it applies it, until release closes.
@@ -68,4 +70,28 @@ func (e *Engine) LeaseArchived(id string) (bool, *model.Lease, error) {
 	}
 	l, err := e.leaseView(le)
 	return le.record != nil, l, err
+}
+
+// Usage returns the tenants' usage as the engine keeps it, and as
+// counted afresh from every node's lease, for tests to compare.
+func (e *Engine) Usage() (kept, counted map[string]placement.Usage) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	kept, counted = map[string]placement.Usage{}, map[string]placement.Usage{}
+	for t, u := range e.usage {
+		kept[t] = placement.Usage{Nodes: u.Nodes, PerModel: maps.Clone(u.PerModel)}
+	}
+	for _, n := range e.nodes {
+		if n.lease == "" {
+			continue
+		}
+		u := counted[n.tenant]
+		if u.PerModel == nil {
+			u.PerModel = map[string]int{}
+		}
+		u.Nodes++
+		u.PerModel[n.node.Inventory.GPUModel]++
+		counted[n.tenant] = u
+	}
+	return kept, counted
 }

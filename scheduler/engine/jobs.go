@@ -210,29 +210,10 @@ func (e *Engine) schedule() {
 		b.allVersion++
 	}
 	b.free = b.free[:0]
-	perTenant := map[string]*placement.Usage{}
-	var last *placement.Usage
-	lastTenant := ""
 	for i, n := range nodes {
 		if n.placeable() {
 			b.free = append(b.free, int32(i))
 		}
-		if n.lease == "" {
-			continue
-		}
-		if last == nil || n.tenant != lastTenant {
-			if last = perTenant[n.tenant]; last == nil {
-				last = &placement.Usage{PerModel: map[string]int{}}
-				perTenant[n.tenant] = last
-			}
-			lastTenant = n.tenant
-		}
-		last.Nodes++
-		last.PerModel[n.node.Inventory.GPUModel]++
-	}
-	usage := make(map[string]placement.Usage, len(perTenant))
-	for t, u := range perTenant {
-		usage[t] = *u
 	}
 	now := e.cfg.Now()
 	jobs := e.queue.jobs
@@ -249,7 +230,7 @@ func (e *Engine) schedule() {
 		}
 	}
 	policy := placement.Policy{Tenants: map[string]placement.Tenant{}, Queues: map[string]placement.Queue{},
-		Usage: usage, AgingStep: e.cfg.AgingStep}
+		Usage: e.usage, AgingStep: e.cfg.AgingStep}
 	for name, t := range e.tenants {
 		policy.Tenants[name] = placement.Tenant{Name: name, MaxNodes: t.MaxNodes, MaxNodesPerModel: t.MaxNodesPerModel, Weight: t.Weight}
 	}
@@ -312,7 +293,7 @@ func (e *Engine) grant(j *model.Job, nodes []string) {
 			Node: id, Rank: rank, GPUModel: n.node.Inventory.GPUModel,
 			GPUCount: n.node.Inventory.GPUCount, GPUUUIDs: uuids,
 		})
-		n.lease, n.tenant = l.ID, l.Tenant
+		e.hold(n, l.ID, l.Tenant)
 	}
 	j.SetState(model.JobScheduled, "", now)
 	j.LeaseID, j.Nodes = l.ID, nodes
@@ -373,7 +354,8 @@ func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
 	for _, ln := range l.Nodes {
 		n := e.nodes[ln.Node]
 		if n.lease == l.ID {
-			n.lease, n.tenant, n.cleaning = "", "", l.ID
+			e.unhold(n)
+			n.cleaning = l.ID
 		}
 		e.release(ln.Node, l.ID, reason)
 	}

@@ -114,11 +114,11 @@ func (e *Engine) ListTenants() []TenantUsage {
 	for name := range e.tenants {
 		get(name)
 	}
-	for _, n := range e.nodes {
-		if le := e.leases[n.lease]; n.lease != "" && le != nil {
-			u := get(le.lease.Tenant)
-			u.Nodes++
-			u.NodesPerModel[n.node.Inventory.GPUModel]++
+	for name, held := range e.usage {
+		u := get(name)
+		u.Nodes = held.Nodes
+		for m, n := range held.PerModel {
+			u.NodesPerModel[m] = n
 		}
 	}
 	for _, j := range e.jobs {

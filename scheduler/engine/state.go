@@ -18,8 +18,10 @@ import (
 // records and a restart recomputes them from leases and agent reports.
 type nodeEntry struct {
 	node *model.Node
-	// lease is the active lease holding the node, and tenant its tenant.
-	lease, tenant string
+	// lease is the active lease holding the node, and tenant its tenant;
+	// heldModel is the GPU model the hold counts in the tenant's usage.
+	// Set only through Engine.hold and unhold (usage.go).
+	lease, tenant, heldModel string
 	// cleaning is an ended lease the agent has not yet released.
 	cleaning string
 	conn     *agentConn
@@ -208,7 +210,7 @@ func (e *Engine) load(ctx context.Context) error {
 			if !ok {
 				return fmt.Errorf("engine: lease %s names unknown node %s", l.ID, ln.Node)
 			}
-			n.lease, n.tenant = l.ID, l.Tenant
+			e.hold(n, l.ID, l.Tenant)
 		}
 		if j := e.jobs[l.JobID]; j != nil && j.Spec.TimeLimit > 0 {
 			heap.Push(&e.deadlines, deadline{at: j.ScheduleTime.Add(j.Spec.TimeLimit), job: j.ID, lease: l.ID})
