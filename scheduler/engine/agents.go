@@ -25,7 +25,7 @@ type AgentStream interface {
 }
 
 // sendBuffer bounds commands queued for one agent. An agent that falls this
-// far behind is disconnected rather than allowed to stall the loop. A node
+// far behind is disconnected rather than allowed to hold memory. A node
 // holds one lease at a time and gets a few commands per lease, so this is
 // generous; it is small because every slot of every agent's buffer is a
 // pointer the GC scans each cycle (1,024 slots cost 80 MB at 10,000 nodes).
@@ -34,9 +34,13 @@ const sendBuffer = 128
 // agentConn is one agent's live stream.
 type agentConn struct {
 	node   string
-	out    chan *pb.ConnectResponse
 	cancel context.CancelFunc
 	ctx    context.Context
+	// stream is written only by the pool's senders (senders.go), from
+	// sendQueue.
+	stream    AgentStream
+	senders   *senders
+	sendQueue sendQueue
 
 	nextReq atomic.Uint64
 	mu      sync.Mutex
@@ -64,10 +68,10 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
 	c := &agentConn{
-		node: hello.GetNodeId(), out: make(chan *pb.ConnectResponse, sendBuffer),
-		cancel: cancel, ctx: ctx, logReqs: map[uint64]chan *pb.LogChunk{},
-		injectReqs: map[uint64]chan *pb.MockInjectResult{},
+		node: hello.GetNodeId(), cancel: cancel, ctx: ctx, stream: stream, senders: e.senders,
+		logReqs: map[uint64]chan *pb.LogChunk{}, injectReqs: map[uint64]chan *pb.MockInjectResult{},
 	}
+	defer c.closeSend() // first thing on return: no Send may start after it
 	// The stream starts at the interval the cluster's size calls for now;
 	// as the cluster grows, the handler stretches it and tells the agent
 	// in a heartbeat, and judges the agent's silence by it.
@@ -157,17 +161,16 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 			}
 		}
 	}()
-	// The handler itself sends: a stream costs two goroutines, this one
-	// and the receiver, which is what a leader of 10,000 agents has its GC
-	// scan (a third, for sending, was a third of all goroutine stacks).
-	// One ticker paces both the heartbeats to the agent and the watchdog:
-	// a host that vanished without closing its TCP connection sends
+	// The handler paces the stream: a stream costs two goroutines, this
+	// one and the receiver, and the pool's senders send (senders.go). One
+	// ticker paces both the heartbeats to the agent and the watchdog: a
+	// host that vanished without closing its TCP connection sends
 	// nothing, and missing heartbeats end the stream so the node can be
-	// LOST.
+	// LOST. An agent that stopped reading blocks its Send; the stream is
+	// ended too, which interrupts the Send.
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {
-		var m *pb.ConnectResponse
 		select {
 		case err := <-recvErr:
 			return err
@@ -176,8 +179,7 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 				return stream.Context().Err()
 			}
 			return fmt.Errorf("agent stream of node %s closed by the scheduler: %w", c.node, model.ErrStopped)
-		case m = <-c.out:
-		case <-tick.C:
+		case now := <-tick.C:
 			hb := &pb.Heartbeat{}
 			if d := e.heartbeatInterval(); d != every {
 				// The cluster grew since the Welcome: tell the agent, and
@@ -187,14 +189,17 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 				every, hb.Interval = d, durationpb.New(d)
 				tick.Reset(d)
 			}
-			if quiet := time.Since(time.Unix(0, lastRecv.Load())); !deaf.Load() && quiet > heartbeatsMissed*every {
+			if quiet := now.Sub(time.Unix(0, lastRecv.Load())); !deaf.Load() && quiet > heartbeatsMissed*every {
 				e.log.Warn("agent silent, closing its stream", zap.String("node", c.node), zap.Duration("silent_for", quiet))
 				return fmt.Errorf("node %s sent nothing for %s: %w", c.node, quiet.Round(time.Millisecond), model.ErrStopped)
 			}
-			m = &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: hb}}
-		}
-		if err := stream.Send(m); err != nil {
-			return err
+			if stuck := c.stuckFor(now); stuck > heartbeatsMissed*every {
+				e.log.Warn("agent not reading, closing its stream", zap.String("node", c.node), zap.Duration("send_blocked_for", stuck))
+				return fmt.Errorf("node %s read nothing for %s: %w", c.node, stuck.Round(time.Millisecond), model.ErrStopped)
+			}
+			if !c.enqueue(&pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_Heartbeat{Heartbeat: hb}}) {
+				return fmt.Errorf("node %s has %d commands unsent: %w", c.node, sendBuffer, model.ErrStopped)
+			}
 		}
 	}
 }
@@ -309,9 +314,7 @@ func (e *Engine) send(m outMsg) {
 	if c == nil {
 		return // the agent re-reports its leases when it reconnects
 	}
-	select {
-	case c.out <- m.msg:
-	default:
+	if !c.enqueue(m.msg) {
 		e.log.Warn("agent too slow, disconnecting", zap.String("node", m.node))
 		c.cancel()
 	}

@@ -46,6 +46,9 @@ type Config struct {
 	CommitTimeout time.Duration
 	// MaxBatch bounds how many events one loop turn applies. Default 4096.
 	MaxBatch int
+	// Senders is how many goroutines write commands to agent streams
+	// (senders.go). Default DefaultSenders.
+	Senders int
 	// IdempotencyRetention is how long an idempotency key is remembered.
 	// Default 48h (the API promises at least 24h).
 	IdempotencyRetention time.Duration
@@ -113,6 +116,9 @@ func (c *Config) setDefaults() {
 	if c.MaxBatch <= 0 {
 		c.MaxBatch = 4096
 	}
+	if c.Senders <= 0 {
+		c.Senders = DefaultSenders
+	}
 	if c.IdempotencyRetention <= 0 {
 		c.IdempotencyRetention = 48 * time.Hour
 	}
@@ -147,6 +153,7 @@ type Engine struct {
 	// turn: archived after the commit once every node is clean.
 	endedLeases []*leaseEntry
 	nodes       map[string]*nodeEntry
+	senders     *senders
 	// nodeCount is len(nodes), readable without the lock (heartbeats).
 	nodeCount atomic.Int64
 	// offline holds the nodes without an agent stream that are not yet
@@ -205,6 +212,7 @@ func New(cfg Config) *Engine {
 		stopped:  make(chan struct{}),
 		loaded:   make(chan struct{}),
 		pacer:    newCyclePacer(),
+		senders:  newSenders(cfg.Senders),
 		jobs:     map[string]*model.Job{},
 		archived: map[uint64][]byte{},
 		nodes:    map[string]*nodeEntry{},
@@ -250,6 +258,8 @@ func (e *Engine) post(ctx context.Context, ev event) error {
 // fails. It returns nil only when ctx ended.
 func (e *Engine) Run(ctx context.Context) (err error) {
 	defer close(e.stopped)
+	// Agents close first: that ends any Send a sender is blocked in.
+	defer e.senders.run(e.cfg.Senders)()
 	defer func() { e.closeAgents() }()
 	start := e.cfg.Now()
 	if err := e.load(ctx); err != nil {

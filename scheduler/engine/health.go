@@ -101,12 +101,9 @@ func (e *Engine) MockInject(ctx context.Context, node string, inj *pb.MockInject
 	}()
 	inj.RequestId = id
 	msg := &pb.ConnectResponse{FencingToken: e.Token(), Msg: &pb.ConnectResponse_MockInject{MockInject: inj}}
-	select {
-	case c.out <- msg:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-c.ctx.Done():
-		return model.Errorf(model.ErrNodeUnavailable, "node %s disconnected", node)
+	if !c.enqueue(msg) {
+		c.cancel()
+		return model.Errorf(model.ErrNodeUnavailable, "node %s too slow, disconnected", node)
 	}
 	select {
 	case r, ok := <-ch:

@@ -100,12 +100,9 @@ func (c *agentConn) fetchLogs(ctx context.Context, token int64, lease string, of
 		c.mu.Unlock()
 	}()
 	req := &pb.ConnectResponse{FencingToken: token, Msg: &pb.ConnectResponse_FetchLogs{FetchLogs: &pb.FetchLogs{RequestId: id, LeaseId: lease, Offset: offset}}}
-	select {
-	case c.out <- req:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-c.ctx.Done():
-		return fmt.Errorf("stream closed: %w", model.ErrNodeUnavailable)
+	if !c.enqueue(req) {
+		c.cancel()
+		return fmt.Errorf("agent too slow, disconnected: %w", model.ErrNodeUnavailable)
 	}
 	for {
 		select {
