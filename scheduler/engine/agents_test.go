@@ -216,3 +216,99 @@ func TestAgentsConnectedEarlyLearnTheStretchedInterval(t *testing.T) {
 		}
 	}
 }
+
+// blockedStream is an agent that keeps heartbeating but stopped reading:
+// every Send blocks until the stream ends.
+type blockedStream struct {
+	*memStream
+	sends chan *pb.ConnectResponse // unbuffered, read until blocked is closed
+}
+
+func (s *blockedStream) Send(m *pb.ConnectResponse) error {
+	select {
+	case s.sends <- m:
+		return nil
+	case <-s.ctx.Done():
+		return s.ctx.Err()
+	}
+}
+
+// An agent that stopped reading blocks the sender writing to it; the
+// watchdog ends its stream (which interrupts the Send), and the other
+// agents' commands keep flowing meanwhile, even with a pool of one sender.
+func TestAnAgentThatStopsReadingIsCutAndHoldsUpNoOther(t *testing.T) {
+	const interval = 100 * time.Millisecond
+	etcd := schedtest.StartEtcd(t)
+	tm := startTerm(t, etcd.Client, engine.Config{HeartbeatInterval: interval, Senders: 1})
+
+	stuck := &blockedStream{memStream: newMemStream(), sends: make(chan *pb.ConnectResponse)}
+	defer stuck.cancel()
+	stuckServed := make(chan error, 1)
+	go func() {
+		err := tm.eng.ServeAgent(stuck)
+		stuck.cancel() // as gRPC ends a stream whose handler returned
+		stuckServed <- err
+	}()
+	stuck.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
+		NodeId: "stuck", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
+	}}}
+	if m := <-stuck.sends; m.GetWelcome() == nil {
+		t.Fatalf("first message to the agent = %v; want the Welcome", m)
+	}
+	// From here on it reads nothing, but heartbeats.
+	keepBeating(stuck.memStream, interval/4)
+
+	healthy := newMemStream()
+	defer healthy.cancel()
+	served := make(chan error, 1)
+	go func() { served <- tm.eng.ServeAgent(healthy) }()
+	healthy.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
+		NodeId: "healthy", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
+	}}}
+	waitWelcome(t, healthy, served)
+	keepBeating(healthy, interval/4)
+
+	select {
+	case err := <-stuckServed:
+		if err == nil || !strings.Contains(err.Error(), "read nothing") || !errors.Is(err, model.ErrStopped) {
+			t.Fatalf("the stuck agent's stream ended with %v; want a not-reading error", err)
+		}
+	case <-time.After(schedtest.WaitTimeout):
+		t.Fatal("the stream of an agent that stopped reading was not closed")
+	}
+	// The one sender is free again: the healthy agent still gets its heartbeats.
+	deadline := time.After(schedtest.WaitTimeout)
+	for {
+		select {
+		case m := <-healthy.out:
+			if m.GetHeartbeat() != nil {
+				return
+			}
+		case err := <-served:
+			t.Fatalf("the healthy agent's stream ended: %v", err)
+		case <-deadline:
+			t.Fatal("the healthy agent got no heartbeat after the stuck one was cut")
+		}
+	}
+}
+
+// keepBeating sends the scheduler a heartbeat on st every period until st
+// is cancelled.
+func keepBeating(st *memStream, period time.Duration) {
+	go func() {
+		beat := time.NewTicker(period)
+		defer beat.Stop()
+		for {
+			select {
+			case <-beat.C:
+				select {
+				case st.in <- heartbeat():
+				case <-st.ctx.Done():
+					return
+				}
+			case <-st.ctx.Done():
+				return
+			}
+		}
+	}()
+}
