@@ -6,15 +6,17 @@ import (
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
+	etcdpb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+
+	"github.com/gpusched/gpusched/scheduler/store"
 )
 
-// commitTap wraps the scheduler's etcd KV to time its commits from the
-// outside, without touching the engine. Every scheduler transaction puts
-// <prefix>/meta/writer; the transactions of one loop turn's commit share
-// the context store.Commit made for that commit, which groups them
-// exactly. So, per turn that wrote something:
+// commitTap intercepts the scheduler's etcd client to time its commits
+// from the outside, without touching the engine. store.CommitOf names the
+// commit each transaction belongs to, which groups a loop turn's
+// transactions exactly. So, per turn that wrote something:
 //
 //	commit  = first txn start → last txn end (time inside etcd)
 //	turn    = end of the previous commit → end of this one (the loop's
@@ -26,13 +28,12 @@ import (
 // loop's whole cycle; the placement cycle inside it comes from the
 // engine's Observer (loopRecorder). Turns that write nothing are not seen.
 type commitTap struct {
-	writerKey []byte
 	leasesKey []byte
 	origin    time.Time
 
-	mu      sync.Mutex
-	lastCtx context.Context // kept referenced so its address is not reused
-	txns    []txnRec
+	mu         sync.Mutex
+	lastCommit uint64 // store.CommitOf the last transaction
+	txns       []txnRec
 }
 
 type txnRec struct {
@@ -43,65 +44,34 @@ type txnRec struct {
 }
 
 func newCommitTap(prefix string) *commitTap {
-	return &commitTap{writerKey: []byte(prefix + "/meta/writer"), leasesKey: []byte(prefix + "/leases/"), origin: time.Now()}
+	return &commitTap{leasesKey: []byte(prefix + "/leases/"), origin: time.Now()}
 }
 
-// wrap installs the tap on cli.
-func (t *commitTap) wrap(cli *clientv3.Client) {
-	cli.KV = &tapKV{KV: cli.KV, tap: t}
-}
-
-type tapKV struct {
-	clientv3.KV
-	tap *commitTap
-}
-
-func (k *tapKV) Txn(ctx context.Context) clientv3.Txn {
-	return &tapTxn{Txn: k.KV.Txn(ctx), ctx: ctx, tap: k.tap}
-}
-
-type tapTxn struct {
-	clientv3.Txn
-	ctx       context.Context
-	tap       *commitTap
-	ops       int
-	leasePuts int
-	scheduler bool
-}
-
-func (t *tapTxn) If(cs ...clientv3.Cmp) clientv3.Txn { t.Txn = t.Txn.If(cs...); return t }
-func (t *tapTxn) Else(ops ...clientv3.Op) clientv3.Txn {
-	t.Txn = t.Txn.Else(ops...)
-	return t
-}
-
-func (t *tapTxn) Then(ops ...clientv3.Op) clientv3.Txn {
-	t.ops += len(ops)
-	for _, op := range ops {
-		k := op.KeyBytes()
-		if bytes.Equal(k, t.tap.writerKey) {
-			t.scheduler = true
-		} else if op.IsPut() && bytes.HasPrefix(k, t.tap.leasesKey) {
-			t.leasePuts++
+// interceptor returns the tap as a gRPC client interceptor for the
+// scheduler's etcd client: it sees each transaction as sent on the wire.
+func (t *commitTap) interceptor() grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		txn, ok := req.(*etcdpb.TxnRequest)
+		commit, scheduler := store.CommitOf(ctx)
+		if !ok || !scheduler {
+			return invoker(ctx, method, req, reply, cc, opts...)
 		}
+		leasePuts := 0
+		for _, op := range txn.Success {
+			if p := op.GetRequestPut(); p != nil && bytes.HasPrefix(p.Key, t.leasesKey) {
+				leasePuts++
+			}
+		}
+		start := time.Since(t.origin)
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		end := time.Since(t.origin)
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		newCommit := t.lastCommit != commit
+		t.lastCommit = commit
+		t.txns = append(t.txns, txnRec{start: start, end: end, ops: int32(len(txn.Success)), leasePuts: int32(leasePuts), newCommit: newCommit})
+		return err
 	}
-	t.Txn = t.Txn.Then(ops...)
-	return t
-}
-
-func (t *tapTxn) Commit() (*clientv3.TxnResponse, error) {
-	if !t.scheduler {
-		return t.Txn.Commit()
-	}
-	start := time.Since(t.tap.origin)
-	resp, err := t.Txn.Commit()
-	end := time.Since(t.tap.origin)
-	t.tap.mu.Lock()
-	defer t.tap.mu.Unlock()
-	newCommit := t.tap.lastCtx != t.ctx
-	t.tap.lastCtx = t.ctx
-	t.tap.txns = append(t.tap.txns, txnRec{start: start, end: end, ops: int32(t.ops), leasePuts: int32(t.leasePuts), newCommit: newCommit})
-	return resp, err
 }
 
 // CommitStats is what the tap saw over a window.

@@ -26,6 +26,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
 
 	"github.com/gpusched/gpusched/scheduler"
 	"github.com/gpusched/gpusched/scheduler/engine"
@@ -52,6 +53,9 @@ type ReplicaConfig struct {
 	// process); default "warn". At "info" the engine writes a line per
 	// grant and per ended job.
 	LogLevel string
+	// HeapBudget (child only) is its --heap-budget; "" keeps the
+	// scheduler's default.
+	HeapBudget string
 }
 
 // LoadInfo is what the engine logged when it finished rebuilding its
@@ -144,11 +148,11 @@ func newReplicaCore(cfg ReplicaConfig, errlog io.Writer) (*replicaCore, error) {
 	if err != nil {
 		return nil, err
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop(),
+		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(r.tap.interceptor())}})
 	if err != nil {
 		return nil, fmt.Errorf("sim: etcd client: %w", err)
 	}
-	r.tap.wrap(cli)
 	r.cli = cli
 	lis, err := listenRetry(cfg.Listen)
 	if err != nil {
@@ -488,6 +492,9 @@ func startChild(exe string, cfg ReplicaConfig, logPath string) (*childReplica, e
 	}
 	if cfg.LoadCPUProfile != "" {
 		args = append(args, "--load-cpuprofile", cfg.LoadCPUProfile)
+	}
+	if cfg.HeapBudget != "" {
+		args = append(args, "--heap-budget", cfg.HeapBudget)
 	}
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return nil, err

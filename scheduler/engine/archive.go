@@ -55,14 +55,18 @@ func (e *Engine) archiveEnded() {
 		if e.jobs[j.ID] != j || !j.State.Terminal() {
 			continue
 		}
-		record, err := proto.Marshal(wire.JobToProto(j))
-		if err != nil {
-			e.log.Warn("ended job kept whole", zap.String("job_id", j.ID), zap.Error(err))
-			continue
+		record, ok := e.written.jobs[j]
+		if !ok {
+			var err error
+			if record, err = proto.Marshal(wire.JobToProto(j)); err != nil {
+				e.log.Warn("ended job kept whole", zap.String("job_id", j.ID), zap.Error(err))
+				continue
+			}
 		}
 		e.archive(j, record)
 	}
 	e.ended = e.ended[:0]
+	clear(e.written.jobs)
 }
 
 // unarchive brings an archived job back whole, for a change to an ended
@@ -134,14 +138,18 @@ func (e *Engine) archiveEndedLeases() {
 		if le.record != nil || !leaseClean(le.lease) {
 			continue
 		}
-		record, err := proto.Marshal(wire.LeaseToProto(le.lease))
-		if err != nil {
-			e.log.Warn("ended lease kept whole", zap.String("lease_id", le.lease.ID), zap.Error(err))
-			continue
+		record, ok := e.written.leases[le.lease]
+		if !ok {
+			var err error
+			if record, err = proto.Marshal(wire.LeaseToProto(le.lease)); err != nil {
+				e.log.Warn("ended lease kept whole", zap.String("lease_id", le.lease.ID), zap.Error(err))
+				continue
+			}
 		}
 		e.archiveLease(le, record)
 	}
 	e.endedLeases = e.endedLeases[:0]
+	clear(e.written.leases)
 }
 
 // leaseView returns a copy of le's lease with every field, decoding an

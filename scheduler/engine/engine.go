@@ -179,7 +179,13 @@ type Engine struct {
 	rev int64
 
 	// Per-turn accumulators, only touched by the loop.
-	changes   []store.Change
+	changes []store.Change
+	// written holds the records of this turn's ended jobs and leases as
+	// the commit wrote them, for the archive.
+	written struct {
+		jobs   map[*model.Job][]byte
+		leases map[*model.Lease][]byte
+	}
 	seqDirty  bool
 	outbox    []outMsg
 	replies   []func()
@@ -205,7 +211,7 @@ type outMsg struct {
 // New returns an engine for one term.
 func New(cfg Config) *Engine {
 	cfg.setDefaults()
-	return &Engine{
+	e := &Engine{
 		cfg:      cfg,
 		log:      cfg.Logger,
 		events:   make(chan event, 8192),
@@ -223,6 +229,8 @@ func New(cfg Config) *Engine {
 		idem:     map[string]*model.Idempotency{},
 		queues:   map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
 	}
+	e.written.jobs, e.written.leases = map[*model.Job][]byte{}, map[*model.Lease][]byte{}
+	return e
 }
 
 // Loaded is closed once the engine has rebuilt its state and serves reads.
@@ -349,6 +357,19 @@ func (e *Engine) commit(ctx context.Context) error {
 	start := time.Now()
 	rev, err := e.cfg.Store.Commit(cctx, e.cfg.Fence, e.changes, seq)
 	e.cfg.Metrics.Commit(time.Since(start))
+	if err == nil {
+		// Ended records are archived as written, not marshalled again.
+		for i := range e.changes {
+			c := &e.changes[i]
+			if c.Job != nil && c.JobRecord != nil && c.Job.State.Terminal() {
+				e.written.jobs[c.Job] = c.JobRecord
+			}
+			if c.Lease != nil && c.LeaseRecord != nil && !c.Lease.Active {
+				e.written.leases[c.Lease] = c.LeaseRecord
+			}
+		}
+	}
+	clear(e.changes) // the backing array is reused: hold on to nothing
 	e.changes, e.seqDirty = e.changes[:0], false
 	if rev > 0 {
 		e.rev = rev

@@ -7,8 +7,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
+	etcdpb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
@@ -46,6 +49,12 @@ type Change struct {
 	// transaction as the job); ExpireIdem deletes an expired one.
 	Idem       *model.Idempotency
 	ExpireIdem *model.Idempotency
+
+	// JobRecord and LeaseRecord are set by Commit: the Job's and Lease's
+	// records as written (when the same record is in the commit twice,
+	// both get the one value). A caller may keep them, e.g. to hold an
+	// ended job encoded without marshalling it again.
+	JobRecord, LeaseRecord []byte
 }
 
 func (c Change) ops() int {
@@ -76,13 +85,29 @@ func (c Change) ops() int {
 
 // Store reads and writes the scheduler's records in etcd.
 type Store struct {
-	cli    *clientv3.Client
-	prefix string
+	cli *clientv3.Client
+	// kv takes the commits as etcd's own request types: clientv3's Op
+	// API would copy every record twice more on its way out, and a busy
+	// leader writes thousands of records a second.
+	kv      etcdpb.KVClient
+	prefix  string
+	commits atomic.Uint64
 }
 
 // New returns a store over cli using keys under prefix (e.g. "/gpusched").
 func New(cli *clientv3.Client, prefix string) *Store {
-	return &Store{cli: cli, prefix: strings.TrimSuffix(prefix, "/")}
+	return &Store{cli: cli, kv: clientv3.RetryKVClient(cli), prefix: strings.TrimSuffix(prefix, "/")}
+}
+
+// commitKey marks the context of each of a Commit's transactions.
+type commitKey struct{}
+
+// CommitOf reports which Commit (numbered from 1 per Store) the etcd call
+// with context ctx belongs to, for tools that observe the transactions
+// on the wire (the simulator groups a loop turn's transactions by it).
+func CommitOf(ctx context.Context) (uint64, bool) {
+	n, ok := ctx.Value(commitKey{}).(uint64)
+	return n, ok
 }
 
 func (s *Store) jobKey(seq uint64) string { return fmt.Sprintf("%s/jobs/%020d", s.prefix, seq) }
@@ -260,22 +285,28 @@ func (s *Store) scan(ctx context.Context, prefix string, rev int64, fn func(key 
 // transactions (0 when there was nothing to write): every change is
 // visible at that revision.
 func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSeq uint64) (int64, error) {
+	ctx = context.WithValue(ctx, commitKey{}, s.commits.Add(1))
 	// Every transaction also records its writer's token, so etcd's history
 	// shows which leader made each revision (see internal/invariants).
-	keys := map[string]bool{} // shared: a key lands in one transaction only
-	scratch := new([]byte)
+	keys := map[string][]byte{} // shared: a key lands in one transaction only
+	writer := putOp(s.WriterKey(), []byte(strconv.FormatInt(fence.Revision, 10)))
+	var seq *etcdpb.RequestOp
+	if jobSeq > 0 {
+		seq = putOp(s.seqKey(), []byte(strconv.FormatUint(jobSeq, 10)))
+	}
 	newBatch := func() batch {
-		b := batch{keys: keys, scratch: scratch}
-		b.ops = append(b.ops, clientv3.OpPut(s.WriterKey(), strconv.FormatInt(fence.Revision, 10)))
-		if jobSeq > 0 {
-			b.ops = append(b.ops, clientv3.OpPut(s.seqKey(), strconv.FormatUint(jobSeq, 10)))
+		b := batch{keys: keys}
+		b.ops = append(b.ops, writer)
+		if seq != nil {
+			b.ops = append(b.ops, seq)
 		}
 		return b
 	}
 	base := len(newBatch().ops)
-	var batches [][]clientv3.Op
+	var batches [][]*etcdpb.RequestOp
 	b := newBatch()
-	for _, c := range changes {
+	for i := range changes {
+		c := &changes[i]
 		if len(b.ops)+c.ops() > MaxOpsPerTxn && len(b.ops) > base {
 			batches = append(batches, b.ops)
 			b = newBatch()
@@ -330,49 +361,54 @@ const MaxConcurrentTxns = 4
 // is the same object, so its first put already carries the final value and
 // later ones are dropped.
 type batch struct {
-	ops  []clientv3.Op
-	keys map[string]bool
-	// scratch is shared too: records are encoded into it, then copied
-	// once into the op's value.
-	scratch *[]byte
+	ops []*etcdpb.RequestOp
+	// keys holds each key in the commit and the value put (nil: deleted).
+	keys map[string][]byte
+}
+
+func putOp(key string, value []byte) *etcdpb.RequestOp {
+	return &etcdpb.RequestOp{Request: &etcdpb.RequestOp_RequestPut{RequestPut: &etcdpb.PutRequest{Key: []byte(key), Value: value}}}
 }
 
 func (b *batch) del(key string) {
-	if b.keys[key] {
+	if _, ok := b.keys[key]; ok {
 		return
 	}
-	b.keys[key] = true
-	b.ops = append(b.ops, clientv3.OpDelete(key))
+	b.keys[key] = nil
+	b.ops = append(b.ops, &etcdpb.RequestOp{Request: &etcdpb.RequestOp_RequestDeleteRange{
+		RequestDeleteRange: &etcdpb.DeleteRangeRequest{Key: []byte(key)}}})
 }
 
 // put adds a put of key with the wire form of the record msg returns,
 // unless the key is already in the commit: then its first put carries the
 // final value, and msg and the marshalling (the costly part: a gang's lease
-// changes once per node in a turn) are skipped.
-func (b *batch) put(key string, msg func() proto.Message) error {
-	if b.keys[key] {
-		return nil
+// changes once per node in a turn) are skipped. It returns the value put,
+// which the caller may keep: etcd's client does not retain it.
+func (b *batch) put(key string, msg func() proto.Message) ([]byte, error) {
+	if v, ok := b.keys[key]; ok {
+		return v, nil
 	}
-	v, err := proto.MarshalOptions{}.MarshalAppend((*b.scratch)[:0], msg())
+	m := msg()
+	opts := proto.MarshalOptions{UseCachedSize: true}
+	v, err := opts.MarshalAppend(make([]byte, 0, proto.Size(m)), m)
 	if err != nil {
-		return fmt.Errorf("store: encode %s: %w", key, err)
+		return nil, fmt.Errorf("store: encode %s: %w", key, err)
 	}
-	*b.scratch = v
-	b.keys[key] = true
-	b.ops = append(b.ops, clientv3.OpPut(key, string(v)))
-	return nil
+	b.keys[key] = v
+	b.ops = append(b.ops, putOp(key, v))
+	return v, nil
 }
 
-func (s *Store) appendOps(b *batch, c Change) error {
+func (s *Store) appendOps(b *batch, c *Change) error {
 	var err error
 	if j := c.Job; j != nil {
-		err = b.put(s.jobKey(j.Seq), func() proto.Message { return wire.JobToProto(j) })
+		c.JobRecord, err = b.put(s.jobKey(j.Seq), func() proto.Message { return wire.JobToProto(j) })
 	}
 	if l := c.Lease; l != nil && err == nil {
-		err = b.put(s.leaseKey(l.ID), func() proto.Message { return wire.LeaseToProto(l) })
+		c.LeaseRecord, err = b.put(s.leaseKey(l.ID), func() proto.Message { return wire.LeaseToProto(l) })
 	}
 	if n := c.Node; n != nil && err == nil {
-		err = b.put(s.nodeKey(n.ID), func() proto.Message {
+		_, err = b.put(s.nodeKey(n.ID), func() proto.Message {
 			// Connected and the lease fields are derived in memory;
 			// persisting them would only go stale.
 			n := n.Clone()
@@ -381,13 +417,13 @@ func (s *Store) appendOps(b *batch, c Change) error {
 		})
 	}
 	if t := c.Tenant; t != nil && err == nil {
-		err = b.put(s.tenantPrefix()+t.Name, func() proto.Message { return wire.TenantToProto(*t) })
+		_, err = b.put(s.tenantPrefix()+t.Name, func() proto.Message { return wire.TenantToProto(*t) })
 	}
 	if r := c.Idem; r != nil && err == nil {
-		err = b.put(s.idemKey(r), func() proto.Message { return wire.IdempotencyToProto(*r) })
+		_, err = b.put(s.idemKey(r), func() proto.Message { return wire.IdempotencyToProto(*r) })
 	}
 	if q := c.Queue; q != nil && err == nil {
-		err = b.put(s.queuePrefix()+q.Name, func() proto.Message { return wire.QueueToProto(*q) })
+		_, err = b.put(s.queuePrefix()+q.Name, func() proto.Message { return wire.QueueToProto(*q) })
 	}
 	if c.ExpireIdem != nil && err == nil {
 		b.del(s.idemKey(c.ExpireIdem))
@@ -395,13 +431,16 @@ func (s *Store) appendOps(b *batch, c Change) error {
 	return err
 }
 
-func (s *Store) txn(ctx context.Context, fence Fence, ops []clientv3.Op) (int64, error) {
-	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(fence.Key), "=", fence.Revision)).
-		Then(ops...).
-		Commit()
+func (s *Store) txn(ctx context.Context, fence Fence, ops []*etcdpb.RequestOp) (int64, error) {
+	resp, err := s.kv.Txn(ctx, &etcdpb.TxnRequest{
+		Compare: []*etcdpb.Compare{{
+			Key: []byte(fence.Key), Target: etcdpb.Compare_CREATE, Result: etcdpb.Compare_EQUAL,
+			TargetUnion: &etcdpb.Compare_CreateRevision{CreateRevision: fence.Revision},
+		}},
+		Success: ops,
+	}, grpc.WaitForReady(true)) // as clientv3's Txn calls it
 	if err != nil {
-		return 0, fmt.Errorf("store: commit %d ops: %w", len(ops), err)
+		return 0, fmt.Errorf("store: commit %d ops: %w", len(ops), clientv3.ContextError(ctx, err))
 	}
 	if !resp.Succeeded {
 		return 0, ErrFenced

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,12 +9,15 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
 
 	"github.com/gpusched/gpusched/internal/embedetcd"
 	"github.com/gpusched/gpusched/scheduler/model"
@@ -327,7 +331,7 @@ func TestCommitPutsARecordChangedTwiceOnce(t *testing.T) {
 			ctx := testContext(t)
 			j, n := job(1), node("n1")
 			l := lease(j, 1, "n1")
-			changes := c.changes(j, l, n)
+			changes := c.changes(j, l, n) // Commit fills in their records
 			// The records' final values, as the engine would have them at
 			// commit time.
 			j.State, j.Reason, j.LeaseID = model.JobSucceeded, "", l.ID
@@ -340,7 +344,21 @@ func TestCommitPutsARecordChangedTwiceOnce(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			stored := func(key string) []byte {
+				resp, err := cli.Get(ctx, key)
+				if err != nil || len(resp.Kvs) != 1 {
+					t.Fatalf("get %s: %v", key, err)
+				}
+				return resp.Kvs[0].Value
+			}
 			for _, ch := range changes {
+				// Every change carries its records as written, once each.
+				if ch.Job != nil && !bytes.Equal(ch.JobRecord, stored(s.jobKey(j.Seq))) {
+					t.Errorf("JobRecord %q; want the stored value", ch.JobRecord)
+				}
+				if ch.Lease != nil && !bytes.Equal(ch.LeaseRecord, stored(s.leaseKey(l.ID))) {
+					t.Errorf("LeaseRecord %q; want the stored value", ch.LeaseRecord)
+				}
 				if ch.Job != nil && (len(st.Jobs) != 1 || !reflect.DeepEqual(st.Jobs[0], j)) {
 					t.Errorf("jobs = %+v; want [%+v]", st.Jobs, j)
 				}
@@ -401,5 +419,49 @@ func TestLoadRejectsACorruptSequence(t *testing.T) {
 	}
 	if _, err := New(cli, "/gpusched").Load(ctx); err == nil {
 		t.Fatal("Load accepted a corrupt job sequence")
+	}
+}
+
+// Each transaction's context names its Commit, so that a tool watching the
+// wire can group a commit's transactions, however many it splits into.
+func TestCommitOfNamesEachTransactionsCommit(t *testing.T) {
+	cli := startEtcd(t)
+	var (
+		mu   sync.Mutex
+		seen []uint64
+	)
+	watcher, err := clientv3.New(clientv3.Config{Endpoints: cli.Endpoints(), Logger: zap.NewNop(),
+		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string,
+			req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			if n, ok := CommitOf(ctx); ok {
+				mu.Lock()
+				seen = append(seen, n)
+				mu.Unlock()
+			}
+			return invoker(ctx, method, req, reply, cc, opts...)
+		})}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watcher.Close()
+	fence, _ := leader(t, watcher, "/gpusched")
+	s := New(watcher, "/gpusched")
+	ctx := testContext(t)
+	var big []Change
+	for seq := range uint64(MaxOpsPerTxn + 10) { // two transactions
+		big = append(big, Change{Job: job(seq + 1)})
+	}
+	for _, changes := range [][]Change{big, {{Node: node("n1")}}} {
+		if _, err := s.Commit(ctx, fence, changes, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, ok := CommitOf(ctx); ok {
+		t.Error("CommitOf names a commit for a context no Commit made")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []uint64{1, 1, 2}; !reflect.DeepEqual(seen, want) {
+		t.Errorf("the transactions' commits = %v; want %v (two transactions of commit 1, one of commit 2)", seen, want)
 	}
 }
