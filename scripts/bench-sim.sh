@@ -2,8 +2,8 @@
 # bench-sim.sh runs the simulated-cluster benchmark (gpusched sim, issue 8)
 # and keeps everything it produced: the report as tables and JSON, the
 # scheduler's CPU profiles (open phase, backlog drain, cold starts), its
-# heap profile with the backlog queued, the sim process's CPU profile, and
-# the top of each profile as text.
+# heap profile with the backlog queued, the sim process's CPU profile,
+# the top of each profile as text, and every open-phase latency as CSV.
 #
 #   scripts/bench-sim.sh [OUTDIR] [gpusched sim flags...]
 #
@@ -31,6 +31,7 @@ bin/gpusched sim \
   --sim-cpuprofile-open "$out/sim-open.cpu" \
   --work-dir "$out/work" \
   --json-file "$out/report.json" \
+  --latency-file "$out/open-latencies.csv" \
   "$@" 2> >(tee "$out/progress.txt" >&2) | tee "$out/report.txt"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/machine.txt"
 rm -rf "$out/work/etcd" # keep the scheduler logs, not the etcd data

@@ -241,6 +241,7 @@ func newSchedulerCmd() *cobra.Command {
 		httpListen string
 		logs       logFlags
 		mf         metricsFlags
+		heap       heapBudgetFlag
 	)
 	cmd := &cobra.Command{
 		Use:   "scheduler",
@@ -272,6 +273,11 @@ health checking protocol (grpc.health.v1) and server reflection.`,
 			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
+			stopGC, err := heap.start(ctx, log)
+			if err != nil {
+				return err
+			}
+			defer stopGC()
 			// The client outlives ctx on purpose: on shutdown the replica still
 			// resigns leadership so a successor takes over at once.
 			cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: log.Named("etcd-client")})
@@ -323,6 +329,7 @@ health checking protocol (grpc.health.v1) and server reflection.`,
 	engineFlags(cmd, &cfg.Engine)
 	mf.register(cmd, "the replica's and, on the leader, every GPU's")
 	logs.register(cmd)
+	heap.register(cmd)
 	return cmd
 }
 

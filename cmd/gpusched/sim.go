@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.uber.org/zap"
 
 	"github.com/gpusched/gpusched/internal/sim"
 )
@@ -114,6 +115,7 @@ subscribers instead.`,
 	f.StringVar(&cfg.Prefix, "prefix", "/gpusched", "etcd key prefix; must be empty")
 	f.StringVar(&mode, "scheduler", "process", "run the scheduler as a child process or inproc")
 	f.StringVar(&cfg.SchedulerLogLevel, "scheduler-log-level", "warn", "scheduler log level (child's log in --work-dir/logs)")
+	f.StringVar(&cfg.SchedulerHeapBudget, "scheduler-heap-budget", "auto", "the scheduler child's --heap-budget (0: Go's default pacing)")
 	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 2*time.Second, "agent heartbeat interval the scheduler asks for")
 	f.StringVar(&mix, "mix", sim.FormatMix(sim.DefaultMix), "job sizes, weight:nodes or weight:min-max, comma-separated")
 	f.IntVar(&cfg.Tenants, "tenants", 8, "tenants the jobs are spread over")
@@ -143,6 +145,7 @@ subscribers instead.`,
 	f.DurationVar(&cfg.PhaseTimeout, "phase-timeout", 10*time.Minute, "give up on any one wait after this long")
 	f.BoolVar(&asJSON, "json", false, "print the report as JSON instead of tables")
 	f.StringVar(&jsonFile, "json-file", "", "also write the report as JSON to this file")
+	f.StringVar(&cfg.LatencyFile, "latency-file", "", "write every open-phase submit → StartLease latency here, as CSV in submission order")
 	cmd.AddCommand(newSimReplicaCmd(), newSimFanoutCmd())
 	return cmd
 }
@@ -266,6 +269,7 @@ func newSimReplicaCmd() *cobra.Command {
 		cfg       sim.ReplicaConfig
 		endpoints string
 	)
+	var heap heapBudgetFlag
 	cmd := &cobra.Command{
 		Use:    "replica",
 		Short:  "Run one scheduler replica for gpusched sim (internal)",
@@ -278,6 +282,11 @@ func newSimReplicaCmd() *cobra.Command {
 			}
 			ctx, stop := signalContext(cmd.Context())
 			defer stop()
+			stopGC, err := heap.start(ctx, zap.NewNop())
+			if err != nil {
+				return err
+			}
+			defer stopGC()
 			return sim.ServeReplica(ctx, cfg, cmd.OutOrStdout(), cmd.ErrOrStderr())
 		},
 	}
@@ -292,6 +301,7 @@ func newSimReplicaCmd() *cobra.Command {
 	f.DurationVar(&cfg.NodeLostAfter, "node-lost-after", 30*time.Second, "mark a node LOST after its agent is gone this long")
 	f.StringVar(&cfg.LogLevel, "log-level", "warn", "log level")
 	f.StringVar(&cfg.LoadCPUProfile, "load-cpuprofile", "", "CPU profile from start until the state is loaded")
+	heap.register(cmd)
 	return cmd
 }
 

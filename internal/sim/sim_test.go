@@ -3,6 +3,7 @@ package sim
 import (
 	"bytes"
 	"context"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -138,5 +139,28 @@ func TestSummarize(t *testing.T) {
 	p := summarize(ds)
 	if p.N != 1000 || p.P50 != 500 || p.P99 != 990 || p.P999 != 999 || p.Max != 1000 {
 		t.Errorf("summarize = %+v", p)
+	}
+}
+
+// The tracker writes each lease's latency, to its last node, in
+// submission order, timed from the phase's first submission.
+func TestWriteLatencies(t *testing.T) {
+	tr := NewTracker()
+	t0 := time.Unix(1_800_000_000, 0)
+	start := func(lease string, submitted, at time.Duration, nodes ...string) {
+		tr.StartLease(nodes[0], &pb.StartLease{LeaseId: lease, Nodes: nodes, Env: map[string]string{
+			EnvPhase: PhaseOpen, EnvSubmitNanos: strconv.FormatInt(t0.Add(submitted).UnixNano(), 10),
+		}}, t0.Add(at))
+	}
+	start("2.1", 10*time.Millisecond, 15*time.Millisecond, "n1")
+	start("1.1", 0, 20*time.Millisecond, "n2", "n3") // a gang: its last node counts
+	start("1.1", 0, 32*time.Millisecond, "n2", "n3")
+	var b strings.Builder
+	if err := tr.WriteLatencies(&b, PhaseOpen); err != nil {
+		t.Fatal(err)
+	}
+	want := "submitted_s,latency_ms,nodes\n0.0000,32.000,2\n0.0100,5.000,1\n"
+	if b.String() != want {
+		t.Errorf("WriteLatencies =\n%s\nwant\n%s", b.String(), want)
 	}
 }

@@ -1,7 +1,12 @@
 package sim
 
 import (
+	"bufio"
+	"fmt"
 	"hash/maphash"
+	"io"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -77,6 +82,14 @@ type phaseObs struct {
 	placed, nodes int64
 	first, last   time.Time
 	latencies     []time.Duration
+	// jobs is each latency's lease: when it was submitted and to how
+	// many nodes, for WriteLatencies.
+	jobs []jobObs
+}
+
+type jobObs struct {
+	submit time.Time
+	nodes  int32
 }
 
 // NewTracker returns an empty tracker.
@@ -128,6 +141,7 @@ func (t *Tracker) StartLease(_ string, m *pb.StartLease, at time.Time) {
 	}
 	if done && !o.submit.IsZero() {
 		p.latencies = append(p.latencies, at.Sub(o.submit))
+		p.jobs = append(p.jobs, jobObs{submit: o.submit, nodes: int32(o.need)})
 	}
 }
 
@@ -162,6 +176,30 @@ func (t *Tracker) stats(phase string) phaseStats {
 	t.mu.Unlock()
 	s.latency = summarize(ds)
 	return s
+}
+
+// WriteLatencies writes every submit → StartLease latency of phase as
+// CSV, in submission order: seconds since the phase's first submission,
+// latency in milliseconds, and nodes (the latency is to the gang's last).
+// Plotted against time, it shows when the slow ones came: a collector's
+// mark phase, say, delays every job submitted during it.
+func (t *Tracker) WriteLatencies(w io.Writer, phase string) error {
+	t.mu.Lock()
+	p := t.phaseLocked(phase)
+	idx := make([]int, len(p.jobs))
+	for i := range idx {
+		idx[i] = i
+	}
+	jobs, lat := slices.Clone(p.jobs), slices.Clone(p.latencies)
+	t.mu.Unlock()
+	sort.Slice(idx, func(a, b int) bool { return jobs[idx[a]].submit.Before(jobs[idx[b]].submit) })
+	bw := bufio.NewWriter(w)
+	fmt.Fprintln(bw, "submitted_s,latency_ms,nodes")
+	for _, i := range idx { // idx[0] exists: the loop runs only if some do
+		fmt.Fprintf(bw, "%.4f,%.3f,%d\n", jobs[i].submit.Sub(jobs[idx[0]].submit).Seconds(),
+			float64(lat[i].Microseconds())/1000, jobs[i].nodes)
+	}
+	return bw.Flush()
 }
 
 // peakRate is the highest number of placements in any window of width w

@@ -1,0 +1,74 @@
+package gcbudget
+
+import (
+	"context"
+	"errors"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func TestPercent(t *testing.T) {
+	const mib = 1 << 20
+	cases := []struct {
+		name                          string
+		budget, live, stacks, globals uint64
+		want                          int
+	}{
+		{"a small live heap waits for the budget", 1500 * mib, 150 * mib, 60 * mib, 0, 642},
+		{"stacks and globals count toward the goal", 1000 * mib, 100 * mib, 50 * mib, 50 * mib, 450},
+		{"a tiny live heap is capped at the maximum", 1500 * mib, 1 * mib, 0, 0, 1000},
+		{"past half the budget the default pacing holds", 1000 * mib, 600 * mib, 0, 0, 100},
+		{"a live heap over the budget never collects continuously", 1000 * mib, 1200 * mib, 0, 0, 100},
+		{"nothing measured yet", 1000 * mib, 0, 0, 0, 100},
+		{"the runtime's 4 MiB floor, scaled by GOGC, stays in the budget", 20 * mib, 0, 1, 0, 500},
+		{"a budget under the floor paces as by default", 2 * mib, 1 * mib, 0, 0, 100},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := Percent(c.budget, c.live, c.stacks, c.globals, 100, 1000); got != c.want {
+				t.Errorf("Percent = %d; want %d", got, c.want)
+			}
+		})
+	}
+}
+
+func TestStartRequiresABudget(t *testing.T) {
+	if _, err := Start(context.Background(), Config{}); !errors.Is(err, ErrNoBudget) {
+		t.Fatalf("Start without a budget = %v; want ErrNoBudget", err)
+	}
+}
+
+// After a collection, GOGC is what Percent says for what it left; when
+// stopped, the GOGC found at the start is back.
+func TestStartSetsGOGCAfterEachCollectionAndRestoresIt(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(77))
+	gogc := func() int {
+		s := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+		metrics.Read(s)
+		return int(s[0].Value.Uint64())
+	}
+	// A budget of one byte: any live heap is past it, so the minimum.
+	stop, err := Start(context.Background(), Config{Heap: 1, MinPercent: 150, MaxPercent: 5000, Poll: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime.GC()
+	deadline := time.Now().Add(10 * time.Second)
+	for gogc() != 150 {
+		if time.Now().After(deadline) {
+			t.Fatalf("GOGC after a collection = %d; want 150", gogc())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	stop()
+	if p := gogc(); p != 77 {
+		t.Errorf("GOGC after stop = %d; want the 77 found at the start", p)
+	}
+}
