@@ -398,7 +398,7 @@ func (ev *helloEvent) apply(e *Engine) {
 			// StartLease went down with the old stream (or was sent by a
 			// previous term): the command never started, so start it now.
 			// An agent that ran it would hold the lease until released.
-			e.startOn(le, n.node.ID)
+			e.startOn(le, n.node.ID, nil)
 		} else {
 			// The agent ran our lease and lost it (its state is gone): the
 			// node failed the job, the job did not fail.

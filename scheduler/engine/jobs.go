@@ -305,21 +305,29 @@ func (e *Engine) grant(j *model.Job, nodes []string) {
 	}
 	le := e.leases[l.ID]
 	for _, id := range nodes {
-		e.startOn(le, id)
+		e.startOn(le, id, nodes)
 	}
 	if j.Attempts == 1 {
 		e.cfg.Metrics.SubmitToLease(now.Sub(j.CreateTime))
 	}
-	e.log.Info("lease granted", zap.String("job_id", j.ID), zap.String("lease_id", l.ID),
-		zap.Strings("nodes", nodes), zap.Int64("token", e.Token()))
+	if ce := e.log.Check(zap.InfoLevel, "lease granted"); ce != nil { // no fields built unless logged
+		ce.Write(zap.String("job_id", j.ID), zap.String("lease_id", l.ID),
+			zap.Strings("nodes", nodes), zap.Int64("token", e.Token()))
+	}
 }
 
-// startOn tells one node of a lease to run the job's command.
-func (e *Engine) startOn(le *leaseEntry, node string) {
+// startOn tells one node of a lease to run the job's command. names is
+// the lease's nodes in rank order (nil: taken from the lease); the
+// commands of a gang share it, as they share the spec's command and env:
+// a message is only read once built.
+func (e *Engine) startOn(le *leaseEntry, node string, names []string) {
 	l, j := le.lease, e.jobs[le.lease.JobID]
+	if names == nil {
+		names = l.NodeNames()
+	}
 	e.command(node, &pb.ConnectResponse{Msg: &pb.ConnectResponse_StartLease{StartLease: &pb.StartLease{
 		LeaseId: l.ID, JobId: j.ID, Command: j.Spec.Command, Env: j.Spec.Env,
-		Rank: int32(le.rank(node)), Nodes: l.NodeNames(), MasterAddr: e.nodes[l.Nodes[0].Node].node.Address,
+		Rank: int32(le.rank(node)), Nodes: names, MasterAddr: e.nodes[l.Nodes[0].Node].node.Address,
 	}}})
 }
 
@@ -330,7 +338,9 @@ func (e *Engine) endJob(j *model.Job, state model.JobState, reason string) {
 	e.ended = append(e.ended, j)
 	e.persist(store.Change{Job: j, Lease: e.endLease(j, state.String()+": "+reason)})
 	e.needCycle = true
-	e.log.Info("job ended", zap.String("job_id", j.ID), zap.String("state", state.String()), zap.String("reason", reason))
+	if ce := e.log.Check(zap.InfoLevel, "job ended"); ce != nil {
+		ce.Write(zap.String("job_id", j.ID), zap.String("state", state.String()), zap.String("reason", reason))
+	}
 }
 
 // endLease ends the job's active lease, if any, and asks every node of it
