@@ -15,7 +15,7 @@ import (
 
 // maxDefaultHeapBudget keeps a 10,000-node leader with 100,000 jobs
 // queued under 2 GiB of RSS (docs/benchmarks.md) while collecting rarely.
-const maxDefaultHeapBudget = 1536 << 20
+const maxDefaultHeapBudget = 1280 << 20
 
 // heapBudgetFlag is --heap-budget: the garbage collector paced by a heap
 // budget (internal/gcbudget) instead of GOGC's doubling.
@@ -24,7 +24,7 @@ type heapBudgetFlag struct{ size string }
 func (h *heapBudgetFlag) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&h.size, "heap-budget", "auto",
 		"let the heap grow to this size between garbage collections (e.g. 1536MiB, 4GiB; 0: Go's default pacing; "+
-			"auto: a quarter of the memory this process may use, at most 1536MiB). "+
+			"auto: a quarter of the memory this process may use, at most 1280MiB). "+
 			"Past half of it, collections pace as by default. Ignored when GOGC is set")
 }
 
