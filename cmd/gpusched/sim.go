@@ -54,7 +54,7 @@ Phases:
            etcd's batched-write ceiling on the same machine (--ceiling-clients).
 
 GOGC and GOMEMLIMIT in the environment apply to the scheduler child only;
-the sim process itself runs with GOGC=400 and no memory limit.
+the sim process itself paces its collector by a 6 GiB heap budget.
 
 The report is a table, or JSON with --json. See docs/benchmarks.md.
 'gpusched sim fanout' measures telemetry fan-out to StreamTelemetry
@@ -177,7 +177,7 @@ stream reports (dropped, dropped_total), and the scheduler process's CPU
 (/proc/<pid>/stat) over the window. Target: p99 <= 250 ms.
 
 GOGC and GOMEMLIMIT in the environment apply to the scheduler child only;
-the sim process itself runs with GOGC=400 and no memory limit.
+the sim process itself paces its collector by a 6 GiB heap budget.
 
 The report is a table, or JSON with --json. See docs/benchmarks.md.`,
 		Example: `  gpusched sim fanout                                            # 2,000 nodes at 1 Hz, 20 subscribers, 60 s
