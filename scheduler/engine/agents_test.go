@@ -72,14 +72,7 @@ func TestABackedUpLoopDoesNotCutAHeartbeatingAgent(t *testing.T) {
 	const interval = 250 * time.Millisecond // silent for 750 ms: cut
 	etcd := schedtest.StartEtcd(t)
 	tm := startTerm(t, etcd.Client, engine.Config{HeartbeatInterval: interval})
-	st := newMemStream()
-	defer st.cancel()
-	served := make(chan error, 1)
-	go func() { served <- tm.eng.ServeAgent(st) }()
-	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
-		NodeId: "n1", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
-	}}}
-	waitWelcome(t, st, served)
+	st, served := connectAgent(t, tm, "n1", "H100")
 
 	release := tm.eng.HoldLoop(t)
 	// Reports the loop cannot take now: more than one stream may queue,
@@ -131,21 +124,49 @@ func TestABackedUpLoopDoesNotCutAHeartbeatingAgent(t *testing.T) {
 
 const heartbeatsMissed = 3 // engine's
 
-func waitWelcome(t *testing.T, st *memStream, served chan error) {
+func waitWelcome(t *testing.T, st *memStream, served <-chan error) {
+	t.Helper()
+	awaitMessage(t, st, served, "the Welcome", func(m *pb.ConnectResponse) bool { return m.GetWelcome() != nil })
+}
+
+// awaitMessage reads what the scheduler sends on st until pred holds,
+// failing if the stream ends or nothing matches in time.
+func awaitMessage(t *testing.T, st *memStream, served <-chan error, what string, pred func(*pb.ConnectResponse) bool) {
 	t.Helper()
 	deadline := time.After(schedtest.WaitTimeout)
 	for {
 		select {
 		case m := <-st.out:
-			if m.GetWelcome() != nil {
+			if pred(m) {
 				return
 			}
 		case err := <-served:
-			t.Fatalf("stream ended before the Welcome: %v", err)
+			t.Fatalf("the stream ended waiting for %s: %v", what, err)
 		case <-deadline:
-			t.Fatal("no Welcome")
+			t.Fatalf("no %s", what)
 		}
 	}
+}
+
+// connectAgent serves an agent stream for node, with gpuModel GPUs, until
+// the test ends, and returns it once welcomed, with what ServeAgent
+// returns.
+func connectAgent(t *testing.T, tm *term, node, gpuModel string) (*memStream, <-chan error) {
+	t.Helper()
+	st := newMemStream()
+	t.Cleanup(st.cancel)
+	served := make(chan error, 1)
+	go func() { served <- tm.eng.ServeAgent(st) }()
+	st.in <- hello(node, gpuModel)
+	waitWelcome(t, st, served)
+	return st, served
+}
+
+// hello is an agent's first message: node, with 8 GPUs of gpuModel.
+func hello(node, gpuModel string) *pb.ConnectRequest {
+	return &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
+		NodeId: node, Inventory: &pb.Inventory{GpuModel: gpuModel, GpuCount: 8},
+	}}}
 }
 
 // As nodes join, agents connected earlier are told the longer interval in
@@ -163,9 +184,7 @@ func TestAgentsConnectedEarlyLearnTheStretchedInterval(t *testing.T) {
 		t.Cleanup(st.cancel)
 		served := make(chan error, 1)
 		go func() { served <- tm.eng.ServeAgent(st) }()
-		st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
-			NodeId: id, Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
-		}}}
+		st.in <- hello(id, "H100")
 		return st, served
 	}
 	first, served := connect("n1")
@@ -184,8 +203,7 @@ func TestAgentsConnectedEarlyLearnTheStretchedInterval(t *testing.T) {
 		t.Fatalf("the first node was welcomed with %s; want %s", got, base)
 	}
 	for _, id := range []string{"n2", "n3"} {
-		st, served := connect(id)
-		waitWelcome(t, st, served)
+		connectAgent(t, tm, id, "H100")
 	}
 	// n1 must hear of the stretch in a heartbeat; it beats meanwhile.
 	deadline := time.After(schedtest.WaitTimeout)
@@ -249,23 +267,14 @@ func TestAnAgentThatStopsReadingIsCutAndHoldsUpNoOther(t *testing.T) {
 		stuck.cancel() // as gRPC ends a stream whose handler returned
 		stuckServed <- err
 	}()
-	stuck.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
-		NodeId: "stuck", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
-	}}}
+	stuck.in <- hello("stuck", "H100")
 	if m := <-stuck.sends; m.GetWelcome() == nil {
 		t.Fatalf("first message to the agent = %v; want the Welcome", m)
 	}
 	// From here on it reads nothing, but heartbeats.
 	keepBeating(stuck.memStream, interval/4)
 
-	healthy := newMemStream()
-	defer healthy.cancel()
-	served := make(chan error, 1)
-	go func() { served <- tm.eng.ServeAgent(healthy) }()
-	healthy.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
-		NodeId: "healthy", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
-	}}}
-	waitWelcome(t, healthy, served)
+	healthy, served := connectAgent(t, tm, "healthy", "H100")
 	keepBeating(healthy, interval/4)
 
 	select {
@@ -277,19 +286,8 @@ func TestAnAgentThatStopsReadingIsCutAndHoldsUpNoOther(t *testing.T) {
 		t.Fatal("the stream of an agent that stopped reading was not closed")
 	}
 	// The one sender is free again: the healthy agent still gets its heartbeats.
-	deadline := time.After(schedtest.WaitTimeout)
-	for {
-		select {
-		case m := <-healthy.out:
-			if m.GetHeartbeat() != nil {
-				return
-			}
-		case err := <-served:
-			t.Fatalf("the healthy agent's stream ended: %v", err)
-		case <-deadline:
-			t.Fatal("the healthy agent got no heartbeat after the stuck one was cut")
-		}
-	}
+	awaitMessage(t, healthy, served, "heartbeat to the healthy agent after the stuck one was cut",
+		func(m *pb.ConnectResponse) bool { return m.GetHeartbeat() != nil })
 }
 
 // keepBeating sends the scheduler a heartbeat on st every period until st

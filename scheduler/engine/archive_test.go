@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"testing"
-	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -110,32 +109,14 @@ func TestCleanEndedLeasesAreArchived(t *testing.T) {
 	cfg := engine.Config{}
 	tm := startTerm(t, etcd.Client, cfg)
 	ctx := schedtest.Context(t)
-	st := newMemStream()
-	defer st.cancel()
-	served := make(chan error, 1)
-	go func() { served <- tm.eng.ServeAgent(st) }()
-	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
-		NodeId: "n1", Inventory: &pb.Inventory{GpuModel: "H100", GpuCount: 8},
-	}}}
-	waitWelcome(t, st, served)
+	st, served := connectAgent(t, tm, "n1", "H100")
 	j, err := tm.eng.Submit(ctx, spec(1))
 	if err != nil {
 		t.Fatal(err)
 	}
 	await := func(what string, pred func(*pb.ConnectResponse) bool) {
 		t.Helper()
-		for {
-			select {
-			case m := <-st.out:
-				if pred(m) {
-					return
-				}
-			case err := <-served:
-				t.Fatalf("stream ended waiting for %s: %v", what, err)
-			case <-time.After(schedtest.WaitTimeout):
-				t.Fatalf("no %s", what)
-			}
-		}
+		awaitMessage(t, st, served, what, pred)
 	}
 	lease := model.LeaseID(j.ID, 1)
 	await("StartLease", func(m *pb.ConnectResponse) bool { return m.GetStartLease().GetLeaseId() == lease })

@@ -23,17 +23,7 @@ func TestTenantUsageFollowsLeasesAcrossATerm(t *testing.T) {
 		t.Fatal(err)
 	}
 	streams := map[string]*memStream{}
-	connect := func(node, gpuModel string) {
-		st := newMemStream()
-		t.Cleanup(st.cancel)
-		served := make(chan error, 1)
-		go func() { served <- tm.eng.ServeAgent(st) }()
-		st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_Hello{Hello: &pb.AgentHello{
-			NodeId: node, Inventory: &pb.Inventory{GpuModel: gpuModel, GpuCount: 8},
-		}}}
-		waitWelcome(t, st, served)
-		streams[node] = st
-	}
+	connect := func(node, gpuModel string) { streams[node], _ = connectAgent(t, tm, node, gpuModel) }
 	connect("n1", "H100")
 	connect("n2", "H100")
 	connect("n3", "A100")
