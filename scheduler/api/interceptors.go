@@ -33,10 +33,21 @@ func ServerOptions(log *zap.Logger, obs ...RPCObserver) []grpc.ServerOption {
 func interceptors(log *zap.Logger, obs []RPCObserver) ([]grpc.UnaryServerInterceptor, []grpc.StreamServerInterceptor) {
 	var unary []grpc.UnaryServerInterceptor
 	var stream []grpc.StreamServerInterceptor
+	var all observers
 	for _, o := range obs {
 		if o != nil {
-			unary, stream = append(unary, observeUnary(o)), append(stream, observeStream(o))
+			all = append(all, o)
 		}
+	}
+	// However many observers, one interceptor: each is a frame on every
+	// agent stream's goroutine stack, which the GC scans on every cycle,
+	// and a wrapper every message passes.
+	switch len(all) {
+	case 0:
+	case 1:
+		unary, stream = append(unary, observeUnary(all[0])), append(stream, observeStream(all[0]))
+	default:
+		unary, stream = append(unary, observeUnary(all)), append(stream, observeStream(all))
 	}
 	unary = append(unary, recoverUnary(log), logUnary(log))
 	stream = append(stream, recoverStream(log), logStream(log))
@@ -56,6 +67,29 @@ type RPCObserver interface {
 	// TelemetryDropped is called with the samples a telemetry stream tells
 	// its watcher it missed (each message's dropped count).
 	TelemetryDropped(samples uint64)
+}
+
+// observers is several RPCObservers as one, called in order.
+type observers []RPCObserver
+
+var _ RPCObserver = observers(nil)
+
+func (os observers) RPCDone(method string, code codes.Code, took time.Duration) {
+	for _, o := range os {
+		o.RPCDone(method, code, took)
+	}
+}
+
+func (os observers) TelemetryReceived(samples int) {
+	for _, o := range os {
+		o.TelemetryReceived(samples)
+	}
+}
+
+func (os observers) TelemetryDropped(samples uint64) {
+	for _, o := range os {
+		o.TelemetryDropped(samples)
+	}
 }
 
 func observeUnary(o RPCObserver) grpc.UnaryServerInterceptor {

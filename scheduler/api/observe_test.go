@@ -97,3 +97,21 @@ func TestObserveUnarySeesRecoveredPanics(t *testing.T) {
 		t.Errorf("RPCDone calls %v, want GetJob Internal", rec.done)
 	}
 }
+
+// Several observers share one interceptor, and each sees every RPC.
+func TestSeveralObserversShareOneInterceptor(t *testing.T) {
+	a, b := &recorder{}, &recorder{}
+	unary, stream := interceptors(zap.NewNop(), []RPCObserver{a, nil, b})
+	_, alone := interceptors(zap.NewNop(), nil)
+	if len(stream) != len(alone)+1 || len(unary) != len(alone)+1 {
+		t.Fatalf("%d stream interceptors with two observers, %d with none; want one more", len(stream), len(alone))
+	}
+	in := &pb.ConnectRequest{Msg: &pb.ConnectRequest_Telemetry{Telemetry: &pb.TelemetryBatch{Samples: make([]*pb.GpuSample, 2)}}}
+	_ = stream[0](nil, &fakeStream{in: in}, &grpc.StreamServerInfo{FullMethod: "/gpusched.v1.AgentService/Connect"},
+		func(_ any, ss grpc.ServerStream) error { return ss.RecvMsg(&pb.ConnectRequest{}) })
+	for _, r := range []*recorder{a, b} {
+		if r.received != 2 || len(r.done) != 1 || r.done[0] != "/gpusched.v1.AgentService/Connect OK" {
+			t.Errorf("an observer saw %d samples and RPCs %v; want 2 and one Connect OK", r.received, r.done)
+		}
+	}
+}
