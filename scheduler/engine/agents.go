@@ -71,7 +71,7 @@ func (e *Engine) ServeAgent(stream AgentStream) error {
 		node: hello.GetNodeId(), cancel: cancel, ctx: ctx, stream: stream, senders: e.senders,
 		logReqs: map[uint64]chan *pb.LogChunk{}, injectReqs: map[uint64]chan *pb.MockInjectResult{},
 	}
-	defer c.closeSend() // first thing on return: no Send may start after it
+	defer c.closeSend() // no Send may start once the handler has returned
 	// The stream starts at the interval the cluster's size calls for now;
 	// as the cluster grows, the handler stretches it and tells the agent
 	// in a heartbeat, and judges the agent's silence by it.
