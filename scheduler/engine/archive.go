@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"slices"
 
-	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/gpusched/gpusched/proto/gpusched/v1"
@@ -47,8 +46,8 @@ func (e *Engine) replaceJob(j *model.Job) {
 	}
 }
 
-// archiveEnded archives the jobs that ended in the turn just committed.
-// A job that cannot be encoded stays whole; nothing is lost either way.
+// archiveEnded archives the jobs that ended in the turn just committed,
+// each with its record as the commit wrote it (or encoded the same way).
 func (e *Engine) archiveEnded() {
 	for i, j := range e.ended {
 		e.ended[i] = nil
@@ -57,11 +56,7 @@ func (e *Engine) archiveEnded() {
 		}
 		record, ok := e.written.jobs[j]
 		if !ok {
-			var err error
-			if record, err = proto.Marshal(wire.JobToProto(j)); err != nil {
-				e.log.Warn("ended job kept whole", zap.String("job_id", j.ID), zap.Error(err))
-				continue
-			}
+			record = wire.AppendJobRecord(nil, j)
 		}
 		e.archive(j, record)
 	}
@@ -140,11 +135,7 @@ func (e *Engine) archiveEndedLeases() {
 		}
 		record, ok := e.written.leases[le.lease]
 		if !ok {
-			var err error
-			if record, err = proto.Marshal(wire.LeaseToProto(le.lease)); err != nil {
-				e.log.Warn("ended lease kept whole", zap.String("lease_id", le.lease.ID), zap.Error(err))
-				continue
-			}
+			record = wire.AppendLeaseRecord(nil, le.lease)
 		}
 		e.archiveLease(le, record)
 	}

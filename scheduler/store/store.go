@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -289,13 +290,14 @@ func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSe
 	// Every transaction also records its writer's token, so etcd's history
 	// shows which leader made each revision (see internal/invariants).
 	keys := map[string][]byte{} // shared: a key lands in one transaction only
+	scratch := new([]byte)
 	writer := putOp(s.WriterKey(), []byte(strconv.FormatInt(fence.Revision, 10)))
 	var seq *etcdpb.RequestOp
 	if jobSeq > 0 {
 		seq = putOp(s.seqKey(), []byte(strconv.FormatUint(jobSeq, 10)))
 	}
 	newBatch := func() batch {
-		b := batch{keys: keys}
+		b := batch{keys: keys, scratch: scratch}
 		b.ops = append(b.ops, writer)
 		if seq != nil {
 			b.ops = append(b.ops, seq)
@@ -364,6 +366,9 @@ type batch struct {
 	ops []*etcdpb.RequestOp
 	// keys holds each key in the commit and the value put (nil: deleted).
 	keys map[string][]byte
+	// scratch is shared too: records are encoded into it, then copied
+	// once into the op's value.
+	scratch *[]byte
 }
 
 func putOp(key string, value []byte) *etcdpb.RequestOp {
@@ -379,51 +384,56 @@ func (b *batch) del(key string) {
 		RequestDeleteRange: &etcdpb.DeleteRangeRequest{Key: []byte(key)}}})
 }
 
-// put adds a put of key with the wire form of the record msg returns,
+// put adds a put of key with the record enc appends to its argument,
 // unless the key is already in the commit: then its first put carries the
-// final value, and msg and the marshalling (the costly part: a gang's lease
-// changes once per node in a turn) are skipped. It returns the value put,
-// which the caller may keep: etcd's client does not retain it.
-func (b *batch) put(key string, msg func() proto.Message) ([]byte, error) {
+// final value, and the encoding (the costly part: a gang's lease changes
+// once per node in a turn) is skipped. It returns the value put, which
+// the caller may keep: etcd's client does not retain it.
+func (b *batch) put(key string, enc func([]byte) ([]byte, error)) ([]byte, error) {
 	if v, ok := b.keys[key]; ok {
 		return v, nil
 	}
-	m := msg()
-	opts := proto.MarshalOptions{UseCachedSize: true}
-	v, err := opts.MarshalAppend(make([]byte, 0, proto.Size(m)), m)
+	scratch, err := enc((*b.scratch)[:0])
 	if err != nil {
 		return nil, fmt.Errorf("store: encode %s: %w", key, err)
 	}
+	*b.scratch = scratch
+	v := bytes.Clone(scratch) // one allocation of the exact size
 	b.keys[key] = v
 	b.ops = append(b.ops, putOp(key, v))
 	return v, nil
 }
 
+// message encodes the proto msg returns.
+func message(msg func() proto.Message) func([]byte) ([]byte, error) {
+	return func(b []byte) ([]byte, error) { return proto.MarshalOptions{}.MarshalAppend(b, msg()) }
+}
+
 func (s *Store) appendOps(b *batch, c *Change) error {
 	var err error
 	if j := c.Job; j != nil {
-		c.JobRecord, err = b.put(s.jobKey(j.Seq), func() proto.Message { return wire.JobToProto(j) })
+		c.JobRecord, err = b.put(s.jobKey(j.Seq), func(b []byte) ([]byte, error) { return wire.AppendJobRecord(b, j), nil })
 	}
 	if l := c.Lease; l != nil && err == nil {
-		c.LeaseRecord, err = b.put(s.leaseKey(l.ID), func() proto.Message { return wire.LeaseToProto(l) })
+		c.LeaseRecord, err = b.put(s.leaseKey(l.ID), func(b []byte) ([]byte, error) { return wire.AppendLeaseRecord(b, l), nil })
 	}
 	if n := c.Node; n != nil && err == nil {
-		_, err = b.put(s.nodeKey(n.ID), func() proto.Message {
+		_, err = b.put(s.nodeKey(n.ID), message(func() proto.Message {
 			// Connected and the lease fields are derived in memory;
 			// persisting them would only go stale.
 			n := n.Clone()
 			n.Connected, n.LeaseID, n.JobID = false, "", ""
 			return wire.NodeToProto(n)
-		})
+		}))
 	}
 	if t := c.Tenant; t != nil && err == nil {
-		_, err = b.put(s.tenantPrefix()+t.Name, func() proto.Message { return wire.TenantToProto(*t) })
+		_, err = b.put(s.tenantPrefix()+t.Name, message(func() proto.Message { return wire.TenantToProto(*t) }))
 	}
 	if r := c.Idem; r != nil && err == nil {
-		_, err = b.put(s.idemKey(r), func() proto.Message { return wire.IdempotencyToProto(*r) })
+		_, err = b.put(s.idemKey(r), message(func() proto.Message { return wire.IdempotencyToProto(*r) }))
 	}
 	if q := c.Queue; q != nil && err == nil {
-		_, err = b.put(s.queuePrefix()+q.Name, func() proto.Message { return wire.QueueToProto(*q) })
+		_, err = b.put(s.queuePrefix()+q.Name, message(func() proto.Message { return wire.QueueToProto(*q) }))
 	}
 	if c.ExpireIdem != nil && err == nil {
 		b.del(s.idemKey(c.ExpireIdem))
