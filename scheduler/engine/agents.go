@@ -394,7 +394,7 @@ func (ev *helloEvent) apply(e *Engine) {
 	}
 	if n.lease != "" && !held[n.lease] {
 		le := e.leases[n.lease]
-		if !le.started[n.node.ID] {
+		if !le.has(n.node.ID, progressStarted) {
 			// StartLease went down with the old stream (or was sent by a
 			// previous term): the command never started, so start it now.
 			// An agent that ran it would hold the lease until released.
@@ -425,12 +425,12 @@ func exitFrom(node string, le *leaseEntry, x *pb.LeaseExited, now time.Time) mod
 // leaseStarted marks a node's command as running; the job is RUNNING once
 // every node has started.
 func (e *Engine) leaseStarted(le *leaseEntry, node string) {
-	if !le.lease.Active || le.started[node] {
+	if !le.lease.Active || !le.mark(node, progressStarted) {
 		return
 	}
-	le.started[node] = true
+	le.started++
 	j := e.jobs[le.lease.JobID]
-	if len(le.started) == len(le.lease.Nodes) && j.State == model.JobScheduled {
+	if le.started == len(le.lease.Nodes) && j.State == model.JobScheduled {
 		j.StartTime = e.cfg.Now()
 		j.SetState(model.JobRunning, "", j.StartTime)
 		e.persist(store.Change{Job: j})

@@ -353,7 +353,7 @@ func (e *Engine) endLease(j *model.Job, reason string) *model.Lease {
 	}
 	l := le.lease
 	l.Active, l.EndTime, l.EndReason = false, e.cfg.Now(), reason
-	le.started, le.exits = nil, nil // read as empty from now on, never written
+	le.progress = nil // read as none from now on, never written
 	e.endedLeases = append(e.endedLeases, le)
 	var usage model.TelemetryUsage
 	if e.cfg.LeaseUsage != nil {
@@ -435,10 +435,10 @@ func (e *Engine) nodeExited(le *leaseEntry, x model.NodeExit) {
 	if !le.lease.Active {
 		return
 	}
-	if _, dup := le.exits[x.Node]; dup {
+	if !le.mark(x.Node, progressExited) {
 		return
 	}
-	le.exits[x.Node] = x
+	le.exited++
 	j := e.jobs[le.lease.JobID]
 	j.Exits = append(j.Exits, x)
 	sort.SliceStable(j.Exits, func(a, b int) bool { return j.Exits[a].Rank < j.Exits[b].Rank })
@@ -446,7 +446,7 @@ func (e *Engine) nodeExited(le *leaseEntry, x model.NodeExit) {
 		e.endJob(j, model.JobFailed, describeExit(x))
 		return
 	}
-	if len(le.exits) == len(le.lease.Nodes) {
+	if le.exited == len(le.lease.Nodes) {
 		e.endJob(j, model.JobSucceeded, "")
 	}
 }

@@ -70,23 +70,49 @@ func (n *nodeEntry) placeable() bool {
 
 // leaseEntry is a lease plus per-node progress kept in memory. Agents
 // re-report progress when they reconnect, so none of it needs etcd. Only
-// an active lease has progress maps: the leader holds every lease ever
-// granted, and two empty maps each would be most of an ended one's memory.
+// an active lease has progress: the leader holds every lease ever granted.
 type leaseEntry struct {
-	lease   *model.Lease
-	started map[string]bool
-	exits   map[string]model.NodeExit
+	lease *model.Lease
+	// progress is each node's, by rank, while the lease is active (nil
+	// once it ended: read as none); started and exited count the nodes
+	// with each.
+	progress        []nodeProgress
+	started, exited int
 	// record is the lease encoded once it is archived (ended, every node
 	// clean); lease is then a husk (see archive.go).
 	record []byte
 }
 
+// nodeProgress is what one node of an active lease has reported.
+type nodeProgress uint8
+
+const (
+	progressStarted nodeProgress = 1 << iota
+	progressExited
+)
+
 func newLeaseEntry(l *model.Lease) *leaseEntry {
 	le := &leaseEntry{lease: l}
 	if l.Active {
-		le.started, le.exits = map[string]bool{}, map[string]model.NodeExit{}
+		le.progress = make([]nodeProgress, len(l.Nodes))
 	}
 	return le
+}
+
+// has reports whether node reported p.
+func (l *leaseEntry) has(node string, p nodeProgress) bool {
+	r := l.rank(node)
+	return r >= 0 && r < len(l.progress) && l.progress[r]&p != 0
+}
+
+// mark records that node reported p, and reports whether that is news.
+func (l *leaseEntry) mark(node string, p nodeProgress) bool {
+	r := l.rank(node)
+	if r < 0 || r >= len(l.progress) || l.progress[r]&p != 0 {
+		return false
+	}
+	l.progress[r] |= p
+	return true
 }
 
 // rank returns the node's rank in the lease, or -1.

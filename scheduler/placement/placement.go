@@ -46,6 +46,10 @@ func (a bucketKey) less(b bucketKey) bool {
 // callers must not modify them while the snapshot is in use.
 type Snapshot struct {
 	buckets []bucket // sorted by key, for deterministic scans
+	// state is room for a cycle's per-free-node state (one byte each),
+	// lent by a SnapshotBuilder; nil: the cycle allocates its own. So a
+	// snapshot serves one Place or Schedule at a time.
+	state []uint8
 }
 
 // bucket indexes interchangeable nodes; the index lists hold no pointers,
@@ -68,6 +72,7 @@ type SnapshotBuilder struct {
 	// engine keeps them, so BuildFree does not sort.
 	FreeInIDOrder bool
 	backing       []int32 // the free index lists of the last snapshot
+	state         []uint8 // the last snapshot's Snapshot.state
 
 	// BuildFree's index of all, kept while allVersion stays the same.
 	allVersion uint64
@@ -112,6 +117,8 @@ func (sb *SnapshotBuilder) BuildFree(all []Node, allVersion uint64, free []int32
 		}
 	}
 	sort.Slice(s.buckets, func(i, j int) bool { return s.buckets[i].key.less(s.buckets[j].key) })
+	sb.state = slices.Grow(sb.state[:0], len(free))[:len(free)]
+	s.state = sb.state
 	return s
 }
 
@@ -391,8 +398,18 @@ type simpleReasonKey struct {
 
 func newCycle(s *Snapshot) *cycle {
 	c := &cycle{s: s, cur: make([]cursor, len(s.buckets)), reasons: map[simpleReasonKey]outcome{}}
+	n := 0
+	for b := range s.buckets {
+		n += len(s.buckets[b].freeIdx)
+	}
+	state := s.state
+	if len(state) < n {
+		state = make([]uint8, n)
+	}
+	clear(state[:n])
 	for b := range c.cur {
-		c.cur[b].state = make([]uint8, len(s.buckets[b].freeIdx))
+		k := len(s.buckets[b].freeIdx)
+		c.cur[b].state, state = state[:k:k], state[k:]
 	}
 	return c
 }

@@ -93,6 +93,9 @@ type Store struct {
 	kv      etcdpb.KVClient
 	prefix  string
 	commits atomic.Uint64
+	// scratch holds encoding buffers (*[]byte) between commits, so a
+	// commit's records are encoded without growing a new one each time.
+	scratch sync.Pool
 }
 
 // New returns a store over cli using keys under prefix (e.g. "/gpusched").
@@ -290,7 +293,11 @@ func (s *Store) Commit(ctx context.Context, fence Fence, changes []Change, jobSe
 	// Every transaction also records its writer's token, so etcd's history
 	// shows which leader made each revision (see internal/invariants).
 	keys := map[string][]byte{} // shared: a key lands in one transaction only
-	scratch := new([]byte)
+	scratch, _ := s.scratch.Get().(*[]byte)
+	if scratch == nil {
+		scratch = new([]byte)
+	}
+	defer s.scratch.Put(scratch)
 	writer := putOp(s.WriterKey(), []byte(strconv.FormatInt(fence.Revision, 10)))
 	var seq *etcdpb.RequestOp
 	if jobSeq > 0 {
