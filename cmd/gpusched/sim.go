@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -81,12 +82,8 @@ subscribers instead.`,
 				}
 				cfg.CeilingClients = append(cfg.CeilingClients, n)
 			}
-			switch mode {
-			case "process":
-				cfg.SchedulerProcess = true
-			case "inproc":
-			default:
-				return usageError("--scheduler must be process or inproc, got %q", mode)
+			if cfg.SchedulerProcess, err = schedulerMode(mode); err != nil {
+				return err
 			}
 			if cfg.Nodes < 1 {
 				return usageError("--nodes must be at least 1")
@@ -94,15 +91,14 @@ subscribers instead.`,
 			if cfg.BurstJobs < 0 {
 				cfg.BurstJobs = cfg.Nodes
 			}
-			cfg.EtcdEndpoints = splitList([]string{etcd})
-			cfg.Progress = cmd.ErrOrStderr()
-			ctx, stop := signalContext(cmd.Context())
-			defer stop()
-			rep, err := sim.Run(ctx, cfg)
-			if rep == nil {
-				return err
-			}
-			return writeSimReport(cmd.OutOrStdout(), rep, err, jsonFile, asJSON)
+			cfg.EtcdEndpoints, cfg.Progress = splitList([]string{etcd}), cmd.ErrOrStderr()
+			return runSim(cmd, jsonFile, asJSON, func(ctx context.Context) (simReport, error) {
+				rep, err := sim.Run(ctx, cfg)
+				if rep == nil {
+					return nil, err
+				}
+				return rep, err
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -184,7 +180,7 @@ The report is a table, or JSON with --json. See docs/benchmarks.md.`,
   gpusched sim fanout --nodes 500 --subscribers 1,5,20,50 --warmup 5s --duration 20s
   gpusched sim fanout --fields gpu_util,fb_used_bytes --json --cpuprofile sched.cpu > report.json`,
 		Args: exactArgs(0, "no arguments"),
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: func(cmd *cobra.Command, _ []string) (err error) {
 			for _, c := range splitList([]string{subs}) {
 				n, err := strconv.Atoi(c)
 				if err != nil || n < 1 {
@@ -196,25 +192,20 @@ The report is a table, or JSON with --json. See docs/benchmarks.md.`,
 				return usageError("--subscribers wants at least one number")
 			}
 			cfg.Fields = splitList([]string{fields})
-			switch mode {
-			case "process":
-				cfg.SchedulerProcess = true
-			case "inproc":
-			default:
-				return usageError("--scheduler must be process or inproc, got %q", mode)
+			if cfg.SchedulerProcess, err = schedulerMode(mode); err != nil {
+				return err
 			}
 			if cfg.Nodes < 1 || cfg.TelemetryHz <= 0 || cfg.Duration <= 0 || cfg.Warmup < 0 {
 				return usageError("--nodes, --telemetry-hz and --duration must be positive, --warmup not negative")
 			}
-			cfg.EtcdEndpoints = splitList([]string{etcd})
-			cfg.Progress = cmd.ErrOrStderr()
-			ctx, stop := signalContext(cmd.Context())
-			defer stop()
-			rep, err := sim.RunFanout(ctx, cfg)
-			if rep == nil {
-				return err
-			}
-			return writeSimReport(cmd.OutOrStdout(), rep, err, jsonFile, asJSON)
+			cfg.EtcdEndpoints, cfg.Progress = splitList([]string{etcd}), cmd.ErrOrStderr()
+			return runSim(cmd, jsonFile, asJSON, func(ctx context.Context) (simReport, error) {
+				rep, err := sim.RunFanout(ctx, cfg)
+				if rep == nil {
+					return nil, err
+				}
+				return rep, err
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -303,6 +294,28 @@ func newSimReplicaCmd() *cobra.Command {
 	f.StringVar(&cfg.LoadCPUProfile, "load-cpuprofile", "", "CPU profile from start until the state is loaded")
 	heap.register(cmd)
 	return cmd
+}
+
+// schedulerMode reads --scheduler: true for a child process.
+func schedulerMode(mode string) (bool, error) {
+	switch mode {
+	case "process":
+		return true, nil
+	case "inproc":
+		return false, nil
+	}
+	return false, usageError("--scheduler must be process or inproc, got %q", mode)
+}
+
+// runSim runs one sim until a signal or its end and writes its report.
+func runSim(cmd *cobra.Command, jsonFile string, asJSON bool, run func(context.Context) (simReport, error)) error {
+	ctx, stop := signalContext(cmd.Context())
+	defer stop()
+	rep, err := run(ctx)
+	if rep == nil {
+		return err
+	}
+	return writeSimReport(cmd.OutOrStdout(), rep, err, jsonFile, asJSON)
 }
 
 // simReport is what a sim run reports: JSON-encodable, with a text form.

@@ -494,17 +494,7 @@ func (r *FanoutReport) WriteText(w io.Writer) {
 			st.SnapshotMax, st.LoadAvg)
 	}
 	_ = tw.Flush()
-	fmt.Fprintln(w)
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "target\tgoal\tmeasured\tmet")
-	for _, t := range r.Targets {
-		met := "no"
-		if t.Met {
-			met = "yes"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Name, t.Goal, t.Measured, met)
-	}
-	_ = tw.Flush()
+	writeTargets(w, r.Targets)
 	for _, st := range r.Steps {
 		for _, e := range st.Errors {
 			fmt.Fprintln(w, "error:", e)

@@ -177,6 +177,24 @@ type Target struct {
 	Note     string `json:"note,omitempty"`
 }
 
+// writeTargets prints the targets table after a blank line.
+func writeTargets(w io.Writer, targets []Target) {
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "target\tgoal\tmeasured\tmet")
+	for _, t := range targets {
+		met := "no"
+		if t.Met {
+			met = "yes"
+		}
+		if t.Note != "" {
+			met += " (" + t.Note + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Name, t.Goal, t.Measured, met)
+	}
+	_ = tw.Flush()
+}
+
 // finish derives the ratios and checks the targets.
 func (r *Report) finish() {
 	r.Machine.LoadAvgEnd = loadAvg()
@@ -347,20 +365,7 @@ func (r *Report) WriteText(w io.Writer) {
 		row("invariants (etcd history)", fmt.Sprintf("%d violations", len(iv.Violations)), fmt.Sprintf("%d revisions, %d txns, %d jobs, %d leases", iv.Revisions, iv.Transactions, iv.Jobs, iv.Leases))
 	}
 	_ = tw.Flush()
-	fmt.Fprintln(w)
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "target\tgoal\tmeasured\tmet")
-	for _, t := range r.Targets {
-		met := "no"
-		if t.Met {
-			met = "yes"
-		}
-		if t.Note != "" {
-			met += " (" + t.Note + ")"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.Name, t.Goal, t.Measured, met)
-	}
-	_ = tw.Flush()
+	writeTargets(w, r.Targets)
 	for _, ex := range f.Examples {
 		fmt.Fprintln(w, "violation:", ex)
 	}
