@@ -3,6 +3,7 @@ package engine_test
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -150,6 +151,26 @@ func TestCleanEndedLeasesAreArchived(t *testing.T) {
 		t.Errorf("the archived lease reads as\n%v\nwant it as etcd holds it:\n%v", wire.LeaseToProto(got), stored)
 	}
 
+	// An event the node reports on the archived lease still reaches the
+	// archived job: it is brought back, changed, persisted and archived again.
+	if !tm.eng.Archived(j.ID) {
+		t.Fatalf("job %s ended and committed but is not archived", j.ID)
+	}
+	st.in <- &pb.ConnectRequest{Msg: &pb.ConnectRequest_NodeEvent{NodeEvent: &pb.NodeEvent{
+		Kind: pb.NodeEventKind_NODE_EVENT_KIND_XID, Gpu: 3, Xid: 13, LeaseId: lease, Message: "late XID",
+	}}}
+	schedtest.Eventually(t, "the late event on the ended job", func() (bool, string) {
+		v, err := tm.eng.GetJob(j.ID)
+		if err != nil {
+			return false, err.Error()
+		}
+		return len(v.Events) == 1 && v.Events[0].Message == "late XID" && tm.eng.Archived(j.ID),
+			fmt.Sprintf("events %v, archived %v", v.Events, tm.eng.Archived(j.ID))
+	})
+	if archived, _, _ := tm.eng.LeaseArchived(lease); !archived {
+		t.Errorf("lease %s is no longer archived after an event on it", lease)
+	}
+
 	st.cancel()
 	tm.stop(t)
 	if err := tm.el.Resign(ctx); err != nil {
@@ -158,5 +179,58 @@ func TestCleanEndedLeasesAreArchived(t *testing.T) {
 	tm = startTerm(t, etcd.Client, cfg)
 	if archived, l, err := tm.eng.LeaseArchived(lease); !archived || err != nil || !proto.Equal(wire.LeaseToProto(l), stored) {
 		t.Errorf("after a new term: archived %v, %v, lease %v; want it archived and whole", archived, err, l)
+	}
+}
+
+// Listing pages through live and archived jobs together, in ID order.
+func TestListingMixesLiveAndArchivedJobsInOrder(t *testing.T) {
+	etcd := schedtest.StartEtcd(t)
+	tm := startTerm(t, etcd.Client, engine.Config{})
+	ctx := schedtest.Context(t)
+	var ids []string
+	for i := range 5 {
+		j, err := tm.eng.Submit(ctx, spec(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, j.ID)
+		if i%2 == 1 {
+			if _, err := tm.eng.Cancel(ctx, j.ID, ""); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	schedtest.Eventually(t, "the cancelled jobs to be archived", func() (bool, string) {
+		return tm.eng.Archived(ids[1]) && tm.eng.Archived(ids[3]), ""
+	})
+	for _, tc := range []struct {
+		name string
+		sel  model.JobSelector
+		want []string
+	}{
+		{"every job", model.JobSelector{}, ids},
+		{"only the archived ones", model.JobSelector{States: []model.JobState{model.JobCancelled}}, []string{ids[1], ids[3]}},
+		{"only the live ones", model.JobSelector{States: []model.JobState{model.JobPending}}, []string{ids[0], ids[2], ids[4]}},
+		{"IDs named out of order and twice", model.JobSelector{IDs: []string{ids[3], ids[0], ids[3], "0" + ids[1]}}, []string{ids[0], ids[3]}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []string
+			token := ""
+			for range len(ids) + 1 {
+				page, err := tm.eng.ListJobs(engine.JobFilter{Selector: tc.sel, PageSize: 2, PageToken: token})
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, j := range page.Jobs {
+					got = append(got, j.ID)
+				}
+				if token = page.NextPageToken; token == "" {
+					break
+				}
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("listed %v; want %v", got, tc.want)
+			}
+		})
 	}
 }

@@ -142,13 +142,14 @@ type Engine struct {
 	loaded chan struct{}
 
 	mu    sync.RWMutex // guards everything below; the loop holds it while applying+committing
-	jobs  map[string]*model.Job
-	order []*model.Job // every job by Seq, for listing in ID order
-	// archived holds the encoded record of each archived (ended) job, by
-	// Seq; jobs and order hold its husk (see archive.go). ended lists the
-	// jobs that ended this turn, archived once the turn commits.
-	archived map[uint64][]byte
-	ended    []*model.Job
+	// jobs holds the live jobs by ID: all but the archived ones (ended,
+	// see archive.go). order holds every job's Seq, ascending, for listing
+	// in ID order. ended lists the jobs that ended this turn, archived
+	// once the turn commits.
+	jobs    map[string]*model.Job
+	order   []uint64
+	archive archive
+	ended   []*model.Job
 	// endedLeases lists leases that ended or got a node's cleanup this
 	// turn: archived after the commit once every node is clean.
 	endedLeases []*leaseEntry
@@ -220,7 +221,7 @@ func New(cfg Config) *Engine {
 		pacer:    newCyclePacer(),
 		senders:  newSenders(cfg.Senders),
 		jobs:     map[string]*model.Job{},
-		archived: map[uint64][]byte{},
+		archive:  newArchive(),
 		nodes:    map[string]*nodeEntry{},
 		offline:  map[*nodeEntry]struct{}{},
 		usage:    map[string]placement.Usage{},
@@ -274,8 +275,8 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 		return err
 	}
 	close(e.loaded)
-	e.log.Info("leader state loaded", zap.Int("jobs", len(e.jobs)), zap.Int("nodes", len(e.nodes)),
-		zap.Int("leases", len(e.leases)), zap.Duration("took", e.cfg.Now().Sub(start)),
+	e.log.Info("leader state loaded", zap.Int("jobs", len(e.order)), zap.Int("nodes", len(e.nodes)),
+		zap.Int("leases", len(e.leases)+len(e.archive.leases)), zap.Duration("took", e.cfg.Now().Sub(start)),
 		zap.Int64("token", e.Token()))
 
 	tick := time.NewTicker(time.Second)
@@ -418,6 +419,11 @@ func (e *Engine) Stats() Stats {
 	defer e.mu.RUnlock()
 	for _, j := range e.jobs {
 		st.Jobs[j.State]++
+	}
+	for state, n := range e.archive.states {
+		if n > 0 {
+			st.Jobs[state] += n
+		}
 	}
 	for _, n := range e.nodes {
 		st.Nodes[n.view().State]++

@@ -47,16 +47,12 @@ func (e *Engine) HoldLoop(t testing.TB) (release func()) {
 	return release
 }
 
-// Archived reports whether job id is held archived (encoded, as a husk).
+// Archived reports whether job id is held archived (encoded).
 func (e *Engine) Archived(id string) bool {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	j := e.jobs[id]
-	if j == nil {
-		return false
-	}
-	_, ok := e.archived[j.Seq]
-	return ok
+	j, ok := e.findJob(id)
+	return ok && j.live == nil
 }
 
 // LeaseArchived reports whether lease id is held archived, and returns
@@ -64,12 +60,12 @@ func (e *Engine) Archived(id string) bool {
 func (e *Engine) LeaseArchived(id string) (bool, *model.Lease, error) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	le := e.leases[id]
-	if le == nil {
+	r, ok := e.findLease(id)
+	if !ok {
 		return false, nil, nil
 	}
-	l, err := e.leaseView(le)
-	return le.record != nil, l, err
+	l, err := e.leaseView(r)
+	return r.live == nil, l, err
 }
 
 // Usage returns the tenants' usage as the engine keeps it, and as

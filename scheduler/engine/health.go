@@ -25,11 +25,11 @@ func (e *Engine) nodeEvent(n *nodeEntry, ev model.NodeEvent) {
 	}
 	n.node.Events = model.AppendEvent(n.node.Events, ev, model.MaxNodeEvents)
 	change := store.Change{Node: n.node}
-	if le := e.leases[ev.LeaseID]; le != nil {
-		if j := e.jobs[le.lease.JobID]; j != nil {
+	if l, ok := e.findLease(ev.LeaseID); ok {
+		if j, ok := e.findJob(l.jobID()); ok {
 			// The lease may have ended and its job been archived.
 			if full, err := e.unarchive(j); err != nil {
-				e.log.Warn("node event not added to its ended job", zap.String("job_id", j.ID), zap.Error(err))
+				e.log.Warn("node event not added to its ended job", zap.String("job_id", l.jobID()), zap.Error(err))
 			} else {
 				full.Events = model.AppendEvent(full.Events, ev, model.MaxJobEvents)
 				change.Job = full

@@ -119,8 +119,8 @@ func (e *Engine) submit(it SubmitItem) SubmitResult {
 	spec, key := it.Spec, it.IdempotencyKey
 	if key != "" {
 		if r, ok := e.idem[idemID(spec.Tenant, key)]; ok {
-			if j := e.jobs[r.JobID]; j != nil {
-				v, err := e.jobView(j)
+			if j, ok := e.findJob(r.JobID); ok {
+				v, err := e.view(j)
 				return SubmitResult{Job: v, Err: err}
 			}
 		}
@@ -133,7 +133,7 @@ func (e *Engine) submit(it SubmitItem) SubmitResult {
 	j.SetState(model.JobPending, "submitted", j.CreateTime)
 	j.Reason = "waiting for the next scheduling cycle"
 	e.jobs[id] = j
-	e.order = append(e.order, j)
+	e.order = append(e.order, seq)
 	e.queue.push(j)
 	e.newWork = true
 	change := store.Change{Job: j}
@@ -168,14 +168,15 @@ func (e *Engine) Cancel(ctx context.Context, id, reason string) (*model.Job, err
 }
 
 func (ev *cancelEvent) apply(e *Engine) {
-	j, ok := e.jobs[ev.id]
+	ref, ok := e.findJob(ev.id)
 	var res result
 	switch {
 	case !ok:
 		res.err = model.Errorf(model.ErrNotFound, "job %s not found", ev.id)
-	case j.State.Terminal():
-		res.err = model.Errorf(model.ErrJobEnded, "job %s already ended (%s)", ev.id, j.State)
+	case ref.state().Terminal():
+		res.err = model.Errorf(model.ErrJobEnded, "job %s already ended (%s)", ev.id, ref.state())
 	default:
+		j := ref.live // only ended jobs are archived
 		reason := "cancelled by user"
 		if ev.reason != "" {
 			reason += ": " + ev.reason
@@ -397,8 +398,8 @@ func (e *Engine) leaseTenant(id string) string {
 	}
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	if le := e.leases[id]; le != nil {
-		return le.lease.Tenant
+	if l, ok := e.findLease(id); ok {
+		return e.leaseRefTenant(l)
 	}
 	return ""
 }

@@ -23,15 +23,15 @@ func (e *Engine) JobLogs(ctx context.Context, id string, follow bool, sink LogSi
 	offsets := map[string]uint64{} // lease/node -> bytes relayed
 	for {
 		e.mu.RLock()
-		j := e.jobs[id]
+		j, found := e.findJob(id)
 		var lease *model.Lease
 		var err error
-		ended := j != nil && j.State.Terminal()
-		if j != nil && e.leases[j.LeaseID] != nil {
-			lease, err = e.leaseView(e.leases[j.LeaseID])
+		ended := found && j.state().Terminal()
+		if l, ok := e.findLease(j.leaseID()); found && ok {
+			lease, err = e.leaseView(l)
 		}
 		e.mu.RUnlock()
-		if j == nil {
+		if !found {
 			return model.Errorf(model.ErrNotFound, "job %s not found", id)
 		}
 		if err != nil {

@@ -21,11 +21,11 @@ func (e *Engine) GetJob(id string) (*model.Job, error) {
 	}
 	e.mu.RLock()
 	defer e.mu.RUnlock()
-	j, ok := e.jobs[id]
+	j, ok := e.findJob(id)
 	if !ok {
 		return nil, model.Errorf(model.ErrNotFound, "job %s not found", id)
 	}
-	return e.jobView(j)
+	return e.view(j)
 }
 
 // JobFilter selects jobs for ListJobs.
@@ -63,8 +63,12 @@ func (e *Engine) ListJobs(f JobFilter) (JobPage, error) {
 			return JobPage{}, &model.ValidationError{Violations: []model.FieldViolation{{Field: "page_token", Description: "is not a token from a previous response"}}}
 		}
 	}
-	sel := f.Selector
-	match := func(j *model.Job) bool { return sel.MatchesState(j.State) && sel.Matches(j) }
+	sel := &f.Selector
+	var buf [20]byte
+	match := func(seq uint64) (jobRef, bool) {
+		j, ok := e.jobAt(seq, buf[:])
+		return j, ok && e.matches(j, sel)
+	}
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	page := JobPage{Revision: e.rev}
@@ -73,17 +77,17 @@ func (e *Engine) ListJobs(f JobFilter) (JobPage, error) {
 		// A handful of IDs: look them up instead of scanning every job.
 		candidates = nil
 		for _, id := range sel.IDs {
-			if j := e.jobs[id]; j != nil {
-				candidates = append(candidates, j)
+			if j, ok := e.findJob(id); ok {
+				candidates = append(candidates, j.seq)
 			}
 		}
-		sort.Slice(candidates, func(a, b int) bool { return candidates[a].Seq < candidates[b].Seq })
-		candidates = slices.CompactFunc(candidates, func(a, b *model.Job) bool { return a == b })
+		slices.Sort(candidates)
+		candidates = slices.Compact(candidates)
 	}
-	i := sort.Search(len(candidates), func(i int) bool { return candidates[i].Seq > after })
+	i := sort.Search(len(candidates), func(i int) bool { return candidates[i] > after })
 	for ; i < len(candidates) && len(page.Jobs) < size; i++ {
-		if j := candidates[i]; match(j) {
-			v, err := e.jobView(j)
+		if j, ok := match(candidates[i]); ok {
+			v, err := e.view(j)
 			if err != nil {
 				return JobPage{}, err
 			}
@@ -93,7 +97,7 @@ func (e *Engine) ListJobs(f JobFilter) (JobPage, error) {
 	// Hand out a token only if another matching job exists, so a client
 	// never fetches a final, empty page.
 	for ; i < len(candidates) && len(page.Jobs) == size; i++ {
-		if match(candidates[i]) {
+		if _, ok := match(candidates[i]); ok {
 			page.NextPageToken = page.Jobs[len(page.Jobs)-1].ID
 			break
 		}
@@ -137,8 +141,8 @@ func (e *Engine) ListNodes(states []model.NodeState) []*model.Node {
 // nodeView adds the job holding the node to its view.
 func (e *Engine) nodeView(n *nodeEntry) *model.Node {
 	v := n.view()
-	if le := e.leases[v.LeaseID]; le != nil {
-		v.JobID = le.lease.JobID
+	if l, ok := e.findLease(v.LeaseID); ok {
+		v.JobID = l.jobID()
 	}
 	return v
 }

@@ -78,9 +78,6 @@ type leaseEntry struct {
 	// with each.
 	progress        []nodeProgress
 	started, exited int
-	// record is the lease encoded once it is archived (ended, every node
-	// clean); lease is then a husk (see archive.go).
-	record []byte
 }
 
 // nodeProgress is what one node of an active lease has reported.
@@ -206,7 +203,7 @@ func (e *Engine) load(ctx context.Context) error {
 	}
 	for _, j := range st.Jobs {
 		e.jobs[j.ID] = j
-		e.order = append(e.order, j) // the store returns jobs in key (Seq) order
+		e.order = append(e.order, j.Seq) // the store returns jobs in key (Seq) order
 		if j.Seq > e.jobSeq {
 			// Cannot happen with fenced writes (seq lands first), but never
 			// hand out an ID twice if it somehow did.
@@ -219,18 +216,17 @@ func (e *Engine) load(ctx context.Context) error {
 	// Ended jobs stay encoded, as they were read (archive.go).
 	for _, j := range st.Jobs {
 		if record, ok := st.EndedRecords[j.Seq]; ok && e.jobs[j.ID] == j {
-			e.archive(j, record)
+			e.archiveJob(j, record)
 		}
 	}
 	for _, l := range st.Leases {
-		le := newLeaseEntry(l)
-		e.leases[l.ID] = le
 		if !l.Active {
-			if record, ok := st.EndedLeaseRecords[l.ID]; ok {
-				e.archiveLease(le, record)
+			if record, ok := st.EndedLeaseRecords[l.ID]; !ok || !e.archiveLease(l, record) {
+				e.leases[l.ID] = newLeaseEntry(l)
 			}
 			continue
 		}
+		e.leases[l.ID] = newLeaseEntry(l)
 		for _, ln := range l.Nodes {
 			n, ok := e.nodes[ln.Node]
 			if !ok {
