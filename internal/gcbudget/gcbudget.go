@@ -8,6 +8,17 @@
 // collector instead runs when the heap nears the budget: after each
 // collection GOGC is set so that the next one is due at the budget.
 //
+// The runtime starts a collection by its own estimate of how long marking
+// will take, learnt from the collections before it, and at most 4 MiB
+// before the goal. Under a budget the first collection at the budget
+// comes after tiny ones, so it starts with no room left: the goroutines
+// that allocate do most of its marking (assists), and every request they
+// serve waits for it. Later ones start late too whenever the process gets
+// less CPU than the runtime counts on, as beside a busy neighbour. So the
+// pacer starts each collection itself (runtime.GC) once the heap is
+// StartAt of the way from the live heap to the goal: with the goal still
+// far, the background worker marks and assists stay light.
+//
 // GOMEMLIMIT with GOGC=off does the same until the live heap nears the
 // limit, and then collects continuously. Here GOGC never goes below
 // MinPercent: past half the budget the collector paces as by default and
@@ -18,6 +29,7 @@ package gcbudget
 import (
 	"context"
 	"errors"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"sync"
@@ -34,9 +46,15 @@ type Config struct {
 	// does not grow to its budget anyway: the runtime collects at least
 	// every two minutes.
 	MinPercent, MaxPercent int
-	// Poll is how often it checks for a finished collection. Default
-	// 100ms; a collection is seconds apart under a budget.
+	// Poll is how often it checks for a finished collection and for the
+	// heap reaching StartAt. Default 100ms; a collection is seconds apart
+	// under a budget.
 	Poll time.Duration
+	// StartAt is how far the heap grows from the live heap toward the
+	// budget's goal before a collection is started, as a fraction of the
+	// way: 0.8 (the default) starts it with a fifth of the way left. 1
+	// leaves the start to the runtime. See the package doc.
+	StartAt float64
 }
 
 // ErrNoBudget: Config.Heap is zero.
@@ -58,6 +76,18 @@ func Percent(budget, live, stacks, globals uint64, lo, hi int) int {
 	return max(min(p, hi), lo)
 }
 
+// DefaultStartAt is Config.StartAt's default.
+const DefaultStartAt = 0.8
+
+// dueEarly reports whether a heap of heap bytes is startAt of the way from
+// live to goal.
+func dueEarly(heap, live, goal uint64, startAt float64) bool {
+	if startAt >= 1 || goal <= live {
+		return false
+	}
+	return heap >= live+uint64(float64(goal-live)*startAt)
+}
+
 // heapMinimum is the Go runtime's smallest heap goal at GOGC=100.
 const heapMinimum = 4 << 20
 
@@ -76,12 +106,17 @@ func Start(ctx context.Context, cfg Config) (stop func(), err error) {
 	if cfg.Poll <= 0 {
 		cfg.Poll = 100 * time.Millisecond
 	}
+	if cfg.StartAt <= 0 || cfg.StartAt > 1 {
+		cfg.StartAt = DefaultStartAt
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	samples := []metrics.Sample{
 		{Name: "/gc/cycles/total:gc-cycles"},
 		{Name: "/gc/heap/live:bytes"},
 		{Name: "/gc/scan/stack:bytes"},
 		{Name: "/gc/scan/globals:bytes"},
+		{Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/gc/heap/goal:bytes"},
 	}
 	// Until a collection has measured the live heap, the GOGC found
 	// holds: a high one now would put the first collection past the
@@ -94,12 +129,23 @@ func Start(ctx context.Context, cfg Config) (stop func(), err error) {
 		tick := time.NewTicker(cfg.Poll)
 		defer tick.Stop()
 		var cycles uint64
+		percent := orig // the GOGC set
 		for {
 			metrics.Read(samples)
+			live := samples[1].Value.Uint64()
 			if n := samples[0].Value.Uint64(); n != cycles {
 				cycles = n
-				debug.SetGCPercent(Percent(cfg.Heap, samples[1].Value.Uint64(), samples[2].Value.Uint64(),
-					samples[3].Value.Uint64(), cfg.MinPercent, cfg.MaxPercent))
+				percent = Percent(cfg.Heap, live, samples[2].Value.Uint64(), samples[3].Value.Uint64(),
+					cfg.MinPercent, cfg.MaxPercent)
+				debug.SetGCPercent(percent)
+			} else if heap, goal := samples[4].Value.Uint64(), samples[5].Value.Uint64(); percent > cfg.MinPercent &&
+				dueEarly(heap, live, goal, cfg.StartAt) {
+				// Only while the budget sets the goal: past half of it the
+				// runtime paces as by default. runtime.GC returns once the
+				// collection has ended. Had the runtime just started one
+				// itself, it would wait for that one and then collect once
+				// more; its own start comes later than this one's, though.
+				runtime.GC()
 			}
 			select {
 			case <-ctx.Done():

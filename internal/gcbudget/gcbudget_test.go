@@ -72,3 +72,55 @@ func TestStartSetsGOGCAfterEachCollectionAndRestoresIt(t *testing.T) {
 		t.Errorf("GOGC after stop = %d; want the 77 found at the start", p)
 	}
 }
+
+func TestDueEarly(t *testing.T) {
+	const mib = 1 << 20
+	cases := []struct {
+		name             string
+		heap, live, goal uint64
+		startAt          float64
+		want             bool
+	}{
+		{"short of the mark", 899 * mib, 100 * mib, 1100 * mib, 0.8, false},
+		{"at the mark", 900 * mib, 100 * mib, 1100 * mib, 0.8, true},
+		{"past the goal", 1200 * mib, 100 * mib, 1100 * mib, 0.8, true},
+		{"1 leaves it to the runtime", 1099 * mib, 100 * mib, 1100 * mib, 1, false},
+		{"a goal not above the live heap", 100 * mib, 100 * mib, 100 * mib, 0.8, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := dueEarly(c.heap, c.live, c.goal, c.startAt); got != c.want {
+				t.Errorf("dueEarly = %v; want %v", got, c.want)
+			}
+		})
+	}
+}
+
+// Under a budget, the pacer itself starts a collection once the heap is
+// StartAt of the way to the goal, before the runtime would.
+func TestStartCollectsBeforeTheGoal(t *testing.T) {
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	forced := func() uint64 {
+		s := []metrics.Sample{{Name: "/gc/cycles/forced:gc-cycles"}}
+		metrics.Read(s)
+		return s[0].Value.Uint64()
+	}
+	stop, err := Start(context.Background(), Config{Heap: 256 << 20, StartAt: 0.25, Poll: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	runtime.GC() // measures the live heap, so the budget sets the goal
+	before := forced()
+	var keep [64][]byte
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 0; forced() == before; i++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no collection started by the pacer in 30s of allocating")
+		}
+		keep[i%len(keep)] = make([]byte, 64<<10)
+		if i%256 == 0 {
+			time.Sleep(time.Millisecond) // let the poller run on one CPU
+		}
+	}
+}
