@@ -141,7 +141,7 @@ type Engine struct {
 	// loaded is closed once the term's state is rebuilt from etcd.
 	loaded chan struct{}
 
-	mu    sync.RWMutex // guards everything below; the loop holds it while applying+committing
+	mu sync.RWMutex // guards everything below; the loop holds it while applying+committing
 	// jobs holds the live jobs by ID: all but the archived ones (ended,
 	// see archive.go). order holds every job's Seq, ascending, for listing
 	// in ID order. ended lists the jobs that ended this turn, archived
@@ -213,22 +213,22 @@ type outMsg struct {
 func New(cfg Config) *Engine {
 	cfg.setDefaults()
 	e := &Engine{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		events:   make(chan event, 8192),
-		stopped:  make(chan struct{}),
-		loaded:   make(chan struct{}),
-		pacer:    newCyclePacer(),
-		senders:  newSenders(cfg.Senders),
-		jobs:     map[string]*model.Job{},
-		archive:  newArchive(),
-		nodes:    map[string]*nodeEntry{},
-		offline:  map[*nodeEntry]struct{}{},
-		usage:    map[string]placement.Usage{},
-		leases:   map[string]*leaseEntry{},
-		tenants:  map[string]model.Tenant{},
-		idem:     map[string]*model.Idempotency{},
-		queues:   map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
+		cfg:     cfg,
+		log:     cfg.Logger,
+		events:  make(chan event, 8192),
+		stopped: make(chan struct{}),
+		loaded:  make(chan struct{}),
+		pacer:   newCyclePacer(),
+		senders: newSenders(cfg.Senders),
+		jobs:    map[string]*model.Job{},
+		archive: newArchive(),
+		nodes:   map[string]*nodeEntry{},
+		offline: map[*nodeEntry]struct{}{},
+		usage:   map[string]placement.Usage{},
+		leases:  map[string]*leaseEntry{},
+		tenants: map[string]model.Tenant{},
+		idem:    map[string]*model.Idempotency{},
+		queues:  map[string]model.Queue{model.DefaultQueue: {Name: model.DefaultQueue, Weight: 1}},
 	}
 	e.written.jobs, e.written.leases = map[*model.Job][]byte{}, map[*model.Lease][]byte{}
 	return e
