@@ -15,9 +15,11 @@
 // that allocate do most of its marking (assists), and every request they
 // serve waits for it. Later ones start late too whenever the process gets
 // less CPU than the runtime counts on, as beside a busy neighbour. So the
-// pacer starts each collection itself (runtime.GC) once the heap is
-// StartAt of the way from the live heap to the goal: with the goal still
-// far, the background worker marks and assists stay light.
+// pacer sets the goal beyond the budget, and starts each collection itself
+// (runtime.GC) when the heap reaches the budget, StartAt of the way from
+// the live heap to that goal: collections come as often as before, and
+// with the goal still far, the background worker marks and assists stay
+// light.
 //
 // GOMEMLIMIT with GOGC=off does the same until the live heap nears the
 // limit, and then collects continuously. Here GOGC never goes below
@@ -50,9 +52,10 @@ type Config struct {
 	// heap reaching StartAt. Default 100ms; a collection is seconds apart
 	// under a budget.
 	Poll time.Duration
-	// StartAt is how far the heap grows from the live heap toward the
-	// budget's goal before a collection is started, as a fraction of the
-	// way: 0.8 (the default) starts it with a fifth of the way left. 1
+	// StartAt places the goal: the budget is StartAt of the way from the
+	// live heap to it, and the pacer starts a collection itself when the
+	// heap reaches the budget. 0.8 (the default) leaves a quarter of the
+	// budget's room again as runway; 1 puts the goal at the budget and
 	// leaves the start to the runtime. See the package doc.
 	StartAt float64
 }
@@ -78,6 +81,15 @@ func Percent(budget, live, stacks, globals uint64, lo, hi int) int {
 
 // DefaultStartAt is Config.StartAt's default.
 const DefaultStartAt = 0.8
+
+// goalFor returns the heap goal that puts the budget startAt of the way
+// from the live heap to it.
+func goalFor(budget, live uint64, startAt float64) uint64 {
+	if startAt >= 1 || budget <= live {
+		return budget
+	}
+	return live + uint64(float64(budget-live)/startAt)
+}
 
 // dueEarly reports whether a heap of heap bytes is startAt of the way from
 // live to goal.
@@ -135,16 +147,17 @@ func Start(ctx context.Context, cfg Config) (stop func(), err error) {
 			live := samples[1].Value.Uint64()
 			if n := samples[0].Value.Uint64(); n != cycles {
 				cycles = n
-				percent = Percent(cfg.Heap, live, samples[2].Value.Uint64(), samples[3].Value.Uint64(),
-					cfg.MinPercent, cfg.MaxPercent)
+				percent = Percent(goalFor(cfg.Heap, live, cfg.StartAt), live, samples[2].Value.Uint64(),
+					samples[3].Value.Uint64(), cfg.MinPercent, cfg.MaxPercent)
 				debug.SetGCPercent(percent)
 			} else if heap, goal := samples[4].Value.Uint64(), samples[5].Value.Uint64(); percent > cfg.MinPercent &&
 				dueEarly(heap, live, goal, cfg.StartAt) {
-				// Only while the budget sets the goal: past half of it the
-				// runtime paces as by default. runtime.GC returns once the
-				// collection has ended. Had the runtime just started one
-				// itself, it would wait for that one and then collect once
-				// more; its own start comes later than this one's, though.
+				// At the budget, while the budget sets the goal: past half
+				// of it the runtime paces as by default. runtime.GC returns
+				// once the collection has ended. Had the runtime just
+				// started one itself, it would wait for that one and then
+				// collect once more; its own start comes near the goal,
+				// well after the budget, though.
 				runtime.GC()
 			}
 			select {

@@ -96,6 +96,31 @@ func TestDueEarly(t *testing.T) {
 	}
 }
 
+func TestGoalForPutsTheBudgetStartAtOfTheWay(t *testing.T) {
+	const mib = 1 << 20
+	cases := []struct {
+		name         string
+		budget, live uint64
+		startAt      float64
+		want         uint64
+	}{
+		{"a quarter of the room again beyond the budget", 1100 * mib, 100 * mib, 0.8, 1350 * mib},
+		{"1 keeps the goal at the budget", 1100 * mib, 100 * mib, 1, 1100 * mib},
+		{"a live heap past the budget keeps it", 1100 * mib, 1200 * mib, 0.8, 1100 * mib},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := goalFor(c.budget, c.live, c.startAt)
+			if got != c.want {
+				t.Errorf("goalFor = %d MiB; want %d MiB", got/mib, c.want/mib)
+			}
+			if c.startAt < 1 && c.live < c.budget && !dueEarly(c.budget, c.live, got, c.startAt) {
+				t.Errorf("a heap at the budget is not due under goal %d MiB", got/mib)
+			}
+		})
+	}
+}
+
 // Under a budget, the pacer itself starts a collection once the heap is
 // StartAt of the way to the goal, before the runtime would.
 func TestStartCollectsBeforeTheGoal(t *testing.T) {
