@@ -164,7 +164,7 @@ func (c *Config) Defaults() {
 
 // SimHeapBudget is the heap budget of the sim process itself (agents, etcd,
 // load generator) when the scheduler runs as a child: at 10,000 nodes and
-// 2,000 jobs/s it collects about once a minute.
+// 2,000 jobs/s it collects about every 45 s.
 const SimHeapBudget = 6 << 30
 
 // Run runs the simulation and returns its report. It stops everything it
